@@ -1,0 +1,3 @@
+from cmaclip.cli import main
+
+main()
