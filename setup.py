@@ -19,7 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cmaclip", "cmaclip.*"]),
-    package_data={"cmaclip": ["model/assets/*", "configs/*.yaml"]},
+    package_data={"cmaclip": ["data/assets/*", "configs/*.yaml"]},
     install_requires=["torch>=2.4"] + requirements,
     entry_points={"console_scripts": ["cmaclip=cmaclip.cli:main"]},
 )

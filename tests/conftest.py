@@ -9,3 +9,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---- shared data fixtures (the shard writer's; built once per test session) ---------------------
+import csv  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+FASHION_DIR = Path(__file__).resolve().parent.parent / "shards" / "fashion-products"
+FASHION_TASKS = ["masterCategory", "subCategory", "baseColour", "gender", "usage"]
+
+
+@pytest.fixture(scope="session")
+def fashion_csv(tmp_path_factory) -> Path:
+    """The first 120 embedded fashion products as a CSV (image paths relative to FASHION_DIR)."""
+    with open(FASHION_DIR / "metadata.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))[:121]
+    path = tmp_path_factory.mktemp("fashion-catalog") / "products.csv"
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        csv.writer(file).writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_shards(tmp_path_factory, fashion_csv) -> Path:
+    """A shards folder of those 120 products: the five demo tasks (FASHION_TASKS), about 25% val,
+    16 samples per shard (so splits span several shards), context length 77. Read it with
+    `cmaclip.data.format.load_dataset_info(fashion_shards)`."""
+    from cmaclip.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("fashion-shards") / "shards"
+    write_shards(fashion_csv, FASHION_TASKS, out, image_root=FASHION_DIR, text_column="productDisplayName",
+                 val_fraction=0.25, samples_per_shard=16)
+    return out

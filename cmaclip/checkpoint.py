@@ -1,0 +1,159 @@
+"""Checkpoints: atomic save, keep-last-K, `train.resume=auto|PATH|''`, export of the final model.
+
+Layout under output_dir:
+
+    checkpoints/step-000000500/     one resumable state (accelerator.save_state: model, optimizer,
+        trainer_state.json          scheduler, RNG of every rank; DeepSpeed: its ZeRO partitions)
+        loader-rank00000.pt         + each rank's loader position, + trainer_state.json (written
+        ...                         last: step, world size)
+    checkpoints/.tmp-step-.../      a save in progress (or one that crashed): never read
+    model/                          the exported model (CMAClip.from_pretrained)
+
+A save writes into a temporary folder and renames it into place only after every rank has
+finished, so a crash during a save leaves the previous checkpoint as the newest complete one.
+Every checkpoint folder must be on a filesystem all nodes share.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from cmaclip.config import ConfigError
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+TRAINER_STATE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+# accelerator.save_state names the first (only) DeepSpeed model's checkpoint tag like this.
+DEEPSPEED_TAG = "pytorch_model"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once it has its final name)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint `train.resume` asks for, or None to start fresh."""
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if not resume:
+        existing = latest_checkpoint(output_dir)
+        if existing is not None:
+            raise ConfigError(
+                f"train.resume is empty but {existing} exists: set train.resume=auto to continue that "
+                f"run, or choose another output_dir")
+        return None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (no {TRAINER_STATE} in it)")
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, loader, keep_last: int) -> Path:
+    """Every rank calls this at the same step. Returns the checkpoint folder."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    final = root / checkpoint_name(step)
+    staging = root / f"{TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        remove_stale_staging(root)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(staging))
+    torch.save(loader.state_dict(), staging / loader_state_name(accelerator.process_index))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        state = {"step": step, "world_size": accelerator.num_processes}
+        (staging / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():  # saved before (a resumed run that ends where it resumed): swap it out
+            replaced = root / f"{TMP_PREFIX}old-{final.name}"
+            final.rename(replaced)
+            staging.rename(final)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(final)
+        prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path, loader) -> int:
+    """Restore model, optimizer, scheduler, RNG and this rank's loader position. Returns the step."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    if state["world_size"] != accelerator.num_processes:
+        raise ConfigError(
+            f"{checkpoint} was written by {state['world_size']} processes, this run has "
+            f"{accelerator.num_processes}: resume with the same number of processes (ZeRO partitions "
+            f"and per-rank data positions are tied to it)")
+    accelerator.load_state(str(checkpoint))
+    loader_state = torch.load(checkpoint / loader_state_name(accelerator.process_index), weights_only=False)
+    loader.load_state_dict(loader_state)
+    return int(state["step"])
+
+
+def loader_state_name(rank: int) -> str:
+    return f"loader-rank{rank:05d}.pt"
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints."""
+    for old in list_checkpoints(root.parent)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def remove_stale_staging(root: Path) -> None:
+    """Staging folders of saves that never finished (a crash, a kill): nothing reads them."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path)
+
+
+def export_model(accelerator, model, checkpoint: Path, output_dir: str | Path) -> Path:
+    """Write output_dir/model/ (consolidated fp32 weights + config) from the final state.
+
+    Under DeepSpeed the fp32 master weights live partitioned in the optimizer states (ZeRO-3 also
+    partitions the parameters themselves), so the main process gathers them from the checkpoint
+    just written; otherwise the unwrapped model is whole and fp32 already. Every rank calls this.
+    """
+    target = Path(output_dir) / MODEL_DIR
+    staging = Path(output_dir) / f"{TMP_PREFIX}{MODEL_DIR}"
+    if accelerator.is_main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        state_dict = None
+        if accelerator.state.deepspeed_plugin is not None:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    accelerator.wait_for_everyone()
+    return target

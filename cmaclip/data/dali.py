@@ -1,0 +1,98 @@
+"""The DALI input pipeline: webdataset reader -> JPEG decode (nvJPEG on a GPU) -> crop -> normalize.
+
+On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and every output lands on
+that GPU; otherwise DALI runs its CPU operators with `device_id=None`. The reader splits the
+split into `num_shards` parts and pads them (`pad_last_batch`), which is the batching rule
+loader.py describes; its shuffle buffer draws anew every epoch. The pipeline is checkpointed
+(`enable_checkpointing`), so its reader position and RNG states go into `state_dict()`.
+"""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader
+
+READER_NAME = "Reader"
+OUTPUTS = ("pixel_values", "input_ids", "labels", "index", "modality_mask")
+
+
+@pipeline_def(enable_checkpointing=True)
+def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_buffer, image_size,
+                  crop_min_scale, hflip, on_gpu):
+    jpg, tok, lbl, idx, mod = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=list(READ_COMPONENTS),
+        dtypes=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32],
+        missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
+        random_shuffle=train, initial_fill=shuffle_buffer, pad_last_batch=True, name=READER_NAME)
+    decode_device = "mixed" if on_gpu else "cpu"
+    normalize = dict(dtype=types.FLOAT, output_layout="CHW",
+                     mean=[255 * m for m in CLIP_MEAN], std=[255 * s for s in CLIP_STD])
+    if train:
+        # Decoding only the crop window saves most of the decode work for small crops.
+        images = fn.decoders.image_random_crop(
+            jpg, device=decode_device, output_type=types.RGB,
+            random_area=[crop_min_scale, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR)
+        mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+        images = fn.crop_mirror_normalize(images, mirror=mirror, **normalize)
+    else:
+        images = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=image_size, interp_type=types.INTERP_CUBIC,
+                           antialias=True, subpixel_scale=False)
+        images = fn.crop_mirror_normalize(images, crop=[image_size, image_size],
+                                          crop_pos_x=0.5, crop_pos_y=0.5, **normalize)
+    if on_gpu:
+        tok, lbl, idx, mod = tok.gpu(), lbl.gpu(), idx.gpu(), mod.gpu()
+    return images, tok, lbl, idx, mod
+
+
+def pipeline_seed(seed: int, rank: int) -> int:
+    """Each rank gets its own shuffling and augmentation stream, all derived from `seed`."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class DaliLoader(BatchLoader):
+    backend = "dali"
+
+    def __init__(self, dataset, split, **arguments):
+        super().__init__(dataset, split, **arguments)
+        self.pipeline = None
+        self._restore_from = None  # a checkpoint to build the next pipeline from
+
+    def _build_pipeline(self):
+        on_gpu = self.device.type == "cuda"
+        pipeline = clip_pipeline(
+            paths=self.dataset.shard_paths(self.split), index_paths=self.dataset.index_paths(self.split),
+            shard_id=self.rank, num_shards=self.world_size, train=self.train,
+            shuffle_buffer=self.config.shuffle_buffer, image_size=self.image_size,
+            crop_min_scale=self.config.crop_min_scale, hflip=self.config.hflip, on_gpu=on_gpu,
+            batch_size=self.batch_size, num_threads=max(1, self.config.workers),
+            device_id=(self.device.index or 0) if on_gpu else None,
+            seed=pipeline_seed(self.seed, self.rank), checkpoint=self._restore_from)
+        pipeline.build()
+        return pipeline
+
+    def _raw_batches(self, epoch, position):
+        if self.pipeline is None:
+            self.pipeline = self._build_pipeline()
+        # The pipeline's reader keeps its own epoch; one run = one batch, and an epoch ends after
+        # exactly len(self) runs (the padding makes it so), so it stays in step with self.position.
+        # The dynamic executor (DALI 2's default) hands each run fresh buffers: share, don't copy.
+        copy = not self.pipeline.exec_dynamic
+        for _ in range(len(self) - position):
+            outputs = self.pipeline.run()
+            yield {name: to_torch_tensor(output.as_tensor(), copy=copy)
+                   for name, output in zip(OUTPUTS, outputs)}
+
+    def _backend_state(self):
+        checkpoint = self.pipeline.checkpoint() if self.pipeline is not None else self._restore_from
+        return {"dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode()}
+
+    def _load_backend_state(self, state):
+        checkpoint = state.get("dali_checkpoint")
+        self._restore_from = None if checkpoint is None else base64.b64decode(checkpoint)
+        self.pipeline = None  # rebuilt from the checkpoint on the next iteration

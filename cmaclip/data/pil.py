@@ -1,0 +1,251 @@
+"""The fallback input pipeline: the webdataset tars read with PIL in a torch DataLoader.
+
+Same batches as the DALI loader (loader.py's rule: DALI's split into parts, padding, steps).
+Samples are located through the shards' .idx files (the ones DALI reads), so the sample order is
+DALI's and a sample is read with one positioned read. The epoch's batches are dealt to the
+DataLoader workers explicitly (batch b of the epoch to worker b mod workers, which is the order
+the DataLoader collects them in); every random choice (shuffle, crop, flip) is seeded by
+(seed, rank, epoch[, position]), so a resumed loader needs no state beyond (epoch, batch).
+A sample that cannot be read becomes an empty padding row (index -1) and a warning, rate-limited
+per worker process.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
+from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, rank_share
+
+log = logging.getLogger(__name__)
+
+# (x / 255 - mean) / std as x * _SCALE + _SHIFT, two in-place passes over the batch
+_SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(1, 3, 1, 1)
+_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
+
+
+# --- image transforms -------------------------------------------------------------------------
+
+def eval_crop(image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to image_size (bicubic), centre crop: uint8 [S, S, 3]."""
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = image_size / min(width, height)
+    # sizes rounded half up, as DALI's resize does
+    width, height = max(image_size, int(width * scale + 0.5)), max(image_size, int(height * scale + 0.5))
+    image = image.resize((width, height), Image.BICUBIC)
+    # the centre window's corner rounded half up, as DALI's crop_pos_x/y=0.5 places it
+    left, top = (width - image_size + 1) // 2, (height - image_size + 1) // 2
+    return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+
+
+def train_crop(image: Image.Image, image_size: int, min_scale: float, hflip: bool,
+               rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop (area fraction min_scale..1, aspect 3/4..4/3) + optional flip."""
+    image = image.convert("RGB")
+    width, height = image.size
+    box = (0, 0, width, height)  # the whole image when no sampled window fits (as torchvision)
+    for _ in range(10):
+        area = width * height * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        crop_width, crop_height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(rng.integers(0, height - crop_height + 1))
+            box = (left, top, left + crop_width, top + crop_height)
+            break
+    pixels = np.asarray(image.resize((image_size, image_size), Image.BILINEAR, box=box))
+    if hflip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return pixels
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S] with CLIP's mean/std."""
+    images = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32)
+    images.copy_(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    return images.mul_(_SCALE).add_(_SHIFT)
+
+
+def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
+    """The evaluation transform for one image: float32 [3, S, S] (predict/explain use it)."""
+    return normalize(np.stack([eval_crop(image, image_size)]))[0]
+
+
+# --- reading samples --------------------------------------------------------------------------
+
+class SampleTable:
+    """Where each component of each sample of a split lies: from the shards' .idx files."""
+
+    def __init__(self, shard_paths: list[str], index_paths: list[str]):
+        self.shard_paths = shard_paths
+        shard_of, offsets, sizes = [], [], []
+        for shard_number, index_path in enumerate(index_paths):
+            for line_number, components in _read_index(index_path):
+                missing = [ext for ext in READ_COMPONENTS if ext not in components]
+                if missing:
+                    raise ValueError(f"{index_path} line {line_number}: sample lacks {missing}")
+                shard_of.append(shard_number)
+                offsets.append([components[ext][0] for ext in READ_COMPONENTS])
+                sizes.append([components[ext][1] for ext in READ_COMPONENTS])
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
+        self._files: dict[int, int] = {}  # shard number -> open descriptor (per process)
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def read(self, sample: int) -> dict[str, bytes]:
+        shard = int(self.shard_of[sample])
+        if shard not in self._files:
+            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+        return {ext: os.pread(self._files[shard], int(size), int(offset))
+                for ext, offset, size in zip(READ_COMPONENTS, self.offsets[sample], self.sizes[sample])}
+
+    def describe(self, sample: int) -> str:
+        shard = int(self.shard_of[sample])
+        first = int(np.searchsorted(self.shard_of, shard))
+        return f"{self.shard_paths[shard]} sample {sample - first}"
+
+
+def _read_index(index_path: str):
+    """Yield (line number, {ext: (offset, size)}) per sample of a DALI webdataset index
+    (v1.1: `ext offset size` per component, v1.2: `ext offset size filename`)."""
+    with open(index_path) as file:
+        header = file.readline().split()
+        fields = {"v1.1": 3, "v1.2": 4}.get(header[0] if header else "")
+        if fields is None:
+            raise ValueError(f"{index_path}: not a DALI webdataset index (header {header})")
+        for line_number, line in enumerate(file, start=2):
+            tokens = line.split()
+            if len(tokens) % fields:
+                raise ValueError(f"{index_path} line {line_number}: malformed entry")
+            yield line_number, {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2]))
+                                for i in range(0, len(tokens), fields)}
+
+
+class _WarningLimiter:
+    """At most one warning every `interval` seconds, with a count of what was not reported."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval, self.last, self.unreported = interval, -math.inf, 0
+
+    def warn(self, message: str):
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.unreported += 1
+            return
+        extra = f" ({self.unreported} more bad samples since the last warning)" if self.unreported else ""
+        log.warning("%s%s", message, extra)
+        self.last, self.unreported = now, 0
+
+
+# --- the batch stream -------------------------------------------------------------------------
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """The batches from (epoch, position) on, epoch after epoch, dealt to the DataLoader workers:
+    batch g of the stream to worker g mod workers, the order the DataLoader collects them in.
+    One stream serves all epochs, so workers start once and keep decoding across epoch ends."""
+
+    def __init__(self, loader: "PilLoader", epoch: int, position: int):
+        self.loader, self.epoch, self.position = loader, epoch, position
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        loader, epoch, position, number = self.loader, self.epoch, self.position, 0
+        while True:
+            order = None
+            for batch in range(position, len(loader)):
+                if number % workers == worker_id:
+                    order = loader.epoch_order(epoch) if order is None else order
+                    yield loader.make_batch(epoch, batch, order)
+                number += 1
+            epoch, position = epoch + 1, 0
+
+
+class PilLoader(BatchLoader):
+    backend = "pil"
+
+    def __init__(self, dataset, split, **arguments):
+        super().__init__(dataset, split, **arguments)
+        self.table = SampleTable(dataset.shard_paths(split), dataset.index_paths(split))
+        if len(self.table) != self.num_samples:
+            raise ValueError(f"{dataset.root}: dataset.json says split {split!r} has "
+                             f"{self.num_samples} samples, its .idx files list {len(self.table)}")
+        self.context_length = dataset.context_length
+        self.num_tasks = len(dataset.tasks)
+        self._warnings = _WarningLimiter()
+        self._stream = None  # the DataLoader iterator over a BatchStream
+        self._stream_next = None  # the (epoch, batch) it yields next
+
+    def __getstate__(self):  # what a spawned worker gets: not the stream that spawns it
+        return {**self.__dict__, "_stream": None}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample numbers the rank reads in this epoch, padded with the last one to whole batches."""
+        part = rank_share(self.num_samples, self.rank, self.world_size, epoch)
+        share = np.arange(part.start, part.stop)
+        if self.train:
+            share = np.random.default_rng([self.seed, self.rank, epoch]).permutation(share)
+        padded = len(self) * self.batch_size
+        return np.concatenate([share, np.full(padded - len(share), share[-1])])
+
+    def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> dict:
+        pixels = np.empty((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
+        tokens = np.empty((self.batch_size, self.context_length), np.int32)
+        labels = np.empty((self.batch_size, self.num_tasks), np.int32)
+        index = np.empty(self.batch_size, np.int64)
+        modalities = np.empty((self.batch_size, 2), np.int32)
+        for row in range(self.batch_size):
+            position = batch * self.batch_size + row
+            pixels[row], tokens[row], labels[row], index[row], modalities[row] = \
+                self._read_row(epoch, position, int(order[position]))
+        return {"pixel_values": normalize(pixels), "input_ids": torch.from_numpy(tokens),
+                "labels": torch.from_numpy(labels), "index": torch.from_numpy(index),
+                "modality_mask": torch.from_numpy(modalities)}
+
+    def _read_row(self, epoch: int, position: int, sample: int):
+        try:
+            data = self.table.read(sample)
+            values = {ext: decode_int32(data[ext]) for ext in INT32_COMPONENTS}
+            for ext, length in (("tok", self.context_length), ("lbl", self.num_tasks), ("idx", 1), ("mod", 2)):
+                if len(values[ext]) != length:
+                    raise ValueError(f"component {ext} has {len(values[ext])} values, expected {length}")
+            image = Image.open(io.BytesIO(data["jpg"]))
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.rank, epoch, position])
+                pixels = train_crop(image, self.image_size, self.config.crop_min_scale,
+                                    self.config.hflip, rng)
+            else:
+                pixels = eval_crop(image, self.image_size)
+            return pixels, values["tok"], values["lbl"], values["idx"][0], values["mod"]
+        except Exception as error:  # noqa: BLE001 -- any unreadable sample is skipped, never fatal
+            self._warnings.warn(f"skipping unreadable sample ({self.table.describe(sample)}): {error}")
+            return self._empty_row()
+
+    def _empty_row(self):
+        tokens = np.zeros(self.context_length, np.int32)
+        tokens[:2] = SOT_TOKEN_ID, EOT_TOKEN_ID
+        return (np.zeros((self.image_size, self.image_size, 3), np.uint8), tokens,
+                np.full(self.num_tasks, -1, np.int32), -1, np.zeros(2, np.int32))
+
+    def _raw_batches(self, epoch, position):
+        start = (epoch, position) if position < len(self) else (epoch + 1, 0)
+        if self._stream is None or self._stream_next != start:
+            self._stream = iter(torch.utils.data.DataLoader(
+                BatchStream(self, *start), batch_size=None, num_workers=self.config.workers,
+                pin_memory=self.device.type == "cuda"))
+            self._stream_next = start
+        for batch in range(position, len(self)):
+            raw = next(self._stream)
+            self._stream_next = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
+            yield raw

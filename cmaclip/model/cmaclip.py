@@ -1,0 +1,246 @@
+"""CMAClip: CLIP backbone -> sequence-wise attention -> per-task modality attention -> heads.
+
+    text tokens  -> CLIP text encoder   -> text_projection ---------------+ + type[text]
+    image        -> CLIP vision encoder -> post_layernorm + visual_proj. --+ + type[image]
+    [T; I] (text padding and missing modalities masked) -> SequenceAttention -> T'[EOT], I'[CLS]
+    per task k: keyless attention over (T'[EOT], I'[CLS]) -> fused_k -> head_k -> logits_k
+
+The fusion variants (`model.fusion`) change only what reaches the heads, for a fair ablation:
+cma-no-modality replaces the modality attention by the mean over present modalities; concat,
+image and text skip the sequence attention and use CLIP's own embeddings (EOT / [CLS] states).
+Modules a variant does not use are not built, so every parameter gets a gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPConfig
+
+from cmaclip.model.attention import SequenceAttention
+from cmaclip.model.backbone import CLIPBackbone
+from cmaclip.model.config import ModelConfig, preset_clip_config
+from cmaclip.model.fusion import KeylessModalityAttention, TaskHead, mean_weights
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+SAVE_FORMAT_VERSION = 1
+TEXT, IMAGE = 0, 1  # modality order everywhere: the sequence, modality_mask, modality_weights
+
+
+@dataclass
+class CMAClipOutput:
+    logits: dict[str, torch.Tensor]
+    """task -> [B, classes of the task]."""
+    modality_weights: torch.Tensor
+    """[B, K, 2] (text, image) per sample and task; 0 for a missing modality. Variants without
+    modality attention report the weights they use: the mean (cma-no-modality, concat) or the
+    single modality (image, text)."""
+    loss: torch.Tensor | None = None
+    """Weighted sum over tasks of the masked cross entropy; None without labels."""
+    task_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """task -> unweighted loss of the task (detached, for logging); 0 when no sample has a label."""
+    attentions: list[torch.Tensor] | None = None
+    """return_attentions only (cma, cma-no-modality): per sequence-attention layer, [B, H, S, S]
+    over the sequence [text positions 0..text_length-1; image [CLS]; patches]."""
+    text_length: int = 0
+    """Text positions in the sequence: the batch's longest attended text (padding beyond it is
+    trimmed before the encoders, which changes nothing since it is masked)."""
+
+
+class CMAClip(nn.Module):
+    def __init__(self, config: ModelConfig, tasks: dict[str, list[str]], clip_config: dict | None = None):
+        """tasks: task name -> class names, in dataset.json order (the order of the label columns).
+        clip_config: a CLIPConfig dict, as saved by save_pretrained: builds that shape with random
+        weights and skips `config.pretrained` (loading a saved model never touches the hub)."""
+        super().__init__()
+        if not tasks:
+            raise ValueError("CMAClip needs at least one task")
+        for task, classes in tasks.items():
+            if len(classes) < 1:
+                raise ValueError(f"task {task!r} has no classes")
+        unknown = sorted(set(config.task_weights) - set(tasks))
+        if unknown:
+            raise ValueError(f"model.task_weights: unknown task(s) {unknown}; tasks are {list(tasks)}")
+        self.tasks = {task: list(classes) for task, classes in tasks.items()}
+        self.task_names = list(tasks)
+
+        fusion = config.fusion
+        self.uses_text = fusion != "image"
+        self.uses_image = fusion != "text"
+        if clip_config is not None:
+            self.backbone = CLIPBackbone(CLIPConfig.from_dict(clip_config), self.uses_text, self.uses_image)
+        elif config.pretrained:
+            self.backbone = CLIPBackbone.from_pretrained(config.pretrained, self.uses_text, self.uses_image)
+        else:
+            self.backbone = CLIPBackbone(preset_clip_config(config), self.uses_text, self.uses_image)
+        clip = self.backbone.clip_config
+        # the resolved sizes, so that the loader (and a saved config) read real values, never 0
+        self.config = dataclasses.replace(
+            config,
+            image_size=config.image_size or clip.vision_config.image_size,
+            context_length=min(config.context_length, clip.text_config.max_position_embeddings),
+        )
+        width = self.backbone.width
+
+        self.modality_embedding = self.sequence_attention = self.modality_attention = None
+        if fusion in ("cma", "cma-no-modality"):
+            self.modality_embedding = nn.Parameter(torch.randn(2, width) * 0.02)
+            self.sequence_attention = SequenceAttention(width, config.fusion_heads, config.fusion_layers,
+                                                        config.mlp_ratio, config.dropout)
+        if fusion == "cma":
+            self.modality_attention = KeylessModalityAttention(len(tasks), width)
+        head_in = 2 * width if fusion == "concat" else width
+        self.heads = nn.ModuleList(
+            TaskHead(head_in, config.head_hidden or width, len(classes), config.dropout)
+            for classes in tasks.values())
+        if config.gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()
+            if self.sequence_attention is not None:
+                self.sequence_attention.gradient_checkpointing = True
+
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None, modality_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, return_attentions: bool = False) -> CMAClipOutput:
+        """The batch contract of ARCHITECTURE.md: pixel_values [B, 3, S, S], input_ids and
+        attention_mask [B, L], modality_mask [B, 2] bool (text, image; None = both present),
+        labels [B, K] (-1 = missing). The `image` / `text` variants accept None for the modality
+        they do not read."""
+        given = pixel_values if input_ids is None else input_ids
+        batch, device = given.shape[0], given.device
+        present = (torch.ones(batch, 2, dtype=torch.bool, device=device) if modality_mask is None
+                   else modality_mask.to(device=device, dtype=torch.bool))
+        if self.training and self.config.modality_dropout > 0 and self.uses_text and self.uses_image:
+            present = drop_one_modality(present, self.config.modality_dropout)
+
+        text_length = 0
+        text_states = image_states = None
+        if self.uses_text:
+            input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask)
+            text_states = self.backbone.encode_text(input_ids)  # [B, L', W]
+            eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # T[CLS]: the last attended token
+        if self.uses_image:
+            image_states = self.backbone.encode_image(pixel_values)  # [B, 1 + P, W]
+
+        rows = torch.arange(batch, device=device)
+        attentions = None
+        if self.sequence_attention is not None:
+            sequence = torch.cat([text_states + self.modality_embedding[TEXT],
+                                  image_states + self.modality_embedding[IMAGE]], dim=1)
+            key_mask = torch.cat([attention_mask.bool() & present[:, TEXT, None],
+                                  present[:, IMAGE, None].expand(-1, image_states.shape[1])], dim=1)
+            sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions)
+            text_cls, image_cls = sequence[rows, eot], sequence[:, text_length]
+        else:
+            text_cls = text_states[rows, eot] if self.uses_text else None
+            image_cls = image_states[:, 0] if self.uses_image else None
+
+        task_inputs, weights = self._fuse(text_cls, image_cls, present)
+        logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
+        output = CMAClipOutput(logits=logits, modality_weights=weights.float(), attentions=attentions,
+                               text_length=text_length)
+        if labels is not None:
+            output.loss, output.task_losses = self.loss(logits, labels)
+        return output
+
+    def _fuse(self, text_cls, image_cls, present):
+        """The two modality embeddings [B, W] -> (per-task head inputs [B, K, W'], weights [B, K, 2])."""
+        num_tasks = len(self.task_names)
+        if self.config.fusion in ("cma", "cma-no-modality"):
+            modalities = torch.stack([text_cls, image_cls], dim=1)  # [B, 2, W]
+            if self.modality_attention is not None:
+                return self.modality_attention(modalities, present)
+            weights = mean_weights(present, num_tasks)
+            return weights.to(modalities.dtype) @ modalities, weights
+        if self.config.fusion == "concat":
+            # a missing modality's embedding is zeroed, so its placeholder input cannot leak in
+            pair = torch.cat([text_cls * present[:, TEXT, None], image_cls * present[:, IMAGE, None]], dim=-1)
+            return pair[:, None, :].expand(-1, num_tasks, -1), mean_weights(present, num_tasks)
+        only = TEXT if self.config.fusion == "text" else IMAGE
+        present = present & (torch.arange(2, device=present.device) == only)
+        embedding = (text_cls if only == TEXT else image_cls) * present[:, only, None]
+        return embedding[:, None, :].expand(-1, num_tasks, -1), mean_weights(present, num_tasks)
+
+    def _trim_text(self, input_ids, attention_mask):
+        """Drop the padding columns beyond the batch's longest text: exact (the text encoder is
+        causal and the sequence attention masks padding) and it shortens every sequence."""
+        if input_ids.shape[1] > self.config.context_length:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, the model takes at most "
+                             f"model.context_length={self.config.context_length}")
+        length = max(int(attention_mask.sum(dim=1).max()), 1)
+        return input_ids[:, :length], attention_mask[:, :length], length
+
+    def loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor):
+        """Sum over tasks of weight_k * mean cross entropy over the samples labelled for task k.
+        -> (total, {task: detached task loss}). A task without labels in the batch gives 0."""
+        if labels.ndim != 2 or labels.shape[1] != len(self.task_names):
+            raise ValueError(f"labels must be [batch, {len(self.task_names)}] (tasks {self.task_names}), "
+                             f"got shape {list(labels.shape)}")
+        total, task_losses = 0.0, {}
+        for k, task in enumerate(self.task_names):
+            target = labels[:, k].to(logits[task].device)
+            summed = F.cross_entropy(logits[task].float(), target, ignore_index=-1, reduction="sum",
+                                     label_smoothing=self.config.label_smoothing)
+            task_loss = summed / (target >= 0).sum().clamp(min=1)
+            task_losses[task] = task_loss.detach()
+            total = total + self.config.task_weights.get(task, 1.0) * task_loss
+        return total, task_losses
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write config.json + model.safetensors. state_dict: pass the consolidated weights when
+        the live ones are sharded (DeepSpeed ZeRO-3), else this model's own are saved."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        else:
+            expected = set(self.state_dict())
+            missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+            if missing or unexpected:
+                raise ValueError(f"save_pretrained: the state_dict does not fit this model: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+        config = {
+            "format_version": SAVE_FORMAT_VERSION,
+            "model": dataclasses.asdict(self.config),
+            "tasks": self.tasks,
+            "clip": self.backbone.clip_config.to_dict(),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()},
+                  str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CMAClip":
+        """Load what save_pretrained wrote; needs neither the hub nor DeepSpeed."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: is {directory} a folder written by "
+                                        "CMAClip.save_pretrained (an output_dir's model/)?")
+        saved = json.loads(config_path.read_text())
+        if saved.get("format_version") != SAVE_FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version {saved.get('format_version')!r}, "
+                             f"this cmaclip reads {SAVE_FORMAT_VERSION}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(saved["model"]) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown model config key(s) {unknown}")
+        model = cls(ModelConfig(**saved["model"]), saved["tasks"], clip_config=saved["clip"])
+        model.load_state_dict(load_file(str(weights_path)))
+        return model.to(map_location)
+
+
+def drop_one_modality(present: torch.Tensor, probability: float) -> torch.Tensor:
+    """Modality dropout: each sample with both modalities loses one (chosen uniformly) with the
+    given probability; a sample that already lacks one keeps what it has."""
+    drop = (torch.rand(present.shape[0], device=present.device) < probability) & present.all(dim=-1)
+    which = torch.randint(0, 2, (present.shape[0],), device=present.device)
+    dropped = F.one_hot(which, 2).bool() & drop[:, None]
+    return present & ~dropped

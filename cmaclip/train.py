@@ -1,0 +1,358 @@
+"""Training: `cmaclip train --config FILE.yaml [key.sub=value ...]`, or the same code under
+`accelerate launch [flags] -m cmaclip.train --config FILE.yaml [key.sub=value ...]`.
+
+One loop for every launcher: a single process, DDP over gloo (CPU) or NCCL (GPU), DeepSpeed
+ZeRO-1/2/3 (the accelerate config names the ds_config; its "auto" values come from our config).
+Each step: `grad_accum_steps` micro-batches from the rank's own loader shard, AdamW with one
+learning rate for the CLIP backbone and one for the new layers, warmup + cosine. Around it:
+TensorBoard and a progress bar on rank 0, periodic evaluation, atomic checkpoints every
+`train.save_every` steps, a clean stop on SIGUSR1, and the export of the final model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmaclip import checkpoint
+from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
+from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
+                                 shutdown, uses_deepspeed)
+
+# Written into output_dir by a run that stopped on SIGUSR1 before max_steps (Slurm requeues on it).
+PREEMPTED_MARKER = "PREEMPTED"
+# Parameters of these modules never get weight decay (nor do biases, other 1-d parameters, and
+# learned vectors named *embedding: position, class and modality embeddings).
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
+
+
+# ---- optimizer and schedule ------------------------------------------------------------------------
+
+def parameter_groups(model, optim: OptimConfig) -> list[dict]:
+    """AdamW groups: backbone / new layers x decay / no decay (empty groups left out)."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    no_decay = {id(p) for module in model.modules() if isinstance(module, NO_DECAY_MODULES)
+                for p in module.parameters(recurse=False)}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "backbone" if id(parameter) in backbone else "new"
+        decay = not (parameter.ndim < 2 or id(parameter) in no_decay or name.endswith("embedding"))
+        groups.setdefault((part, decay), []).append(parameter)
+    return [
+        {"params": params, "name": f"{part}{'' if decay else '_no_decay'}", "part": part,
+         "lr": optim.backbone_lr if part == "backbone" else optim.lr,
+         "weight_decay": optim.weight_decay if decay else 0.0}
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model, optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+def lr_factor(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for the update of (0-based) optimizer step `step`:
+    0 before `start`, then a linear warmup over `warmup` steps, then a cosine down to `min_ratio`
+    at `total`."""
+    if step < start:
+        return 0.0
+    step -= start
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - start - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The backbone's schedule starts after `freeze_backbone_steps` (its lr is 0 until then)."""
+    def factor_for(group):
+        start = optim.freeze_backbone_steps if group["part"] == "backbone" else 0
+        return lambda step: lr_factor(step, start, optim.warmup_steps, max_steps, optim.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(group) for group in optimizer.param_groups])
+
+
+# ---- one step ----------------------------------------------------------------------------------------
+
+def endless(loader):
+    """Batches across epoch boundaries (each `iter` is the rest of the loader's current epoch)."""
+    while True:
+        yield from loader
+
+
+def model_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask", "modality_mask", "labels")}
+
+
+class StepStats:
+    """Sums since the last log, per rank; `reduce` averages them over steps and ranks."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss = 0.0
+        self.task_losses = [0.0] * len(self.tasks)
+        self.data_wait = 0.0
+        self.step_time = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, task_losses: list[float], data_wait: float, step_time: float) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.task_losses = [total + value for total, value in zip(self.task_losses, task_losses)]
+        self.data_wait += data_wait
+        self.step_time += step_time
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Every rank calls it at the same step (a collective). Means over steps and ranks."""
+        local = torch.tensor([self.loss, *self.task_losses, self.data_wait, self.step_time],
+                             dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum") / (self.steps * accelerator.num_processes)
+        values = total.tolist()
+        k = len(self.tasks)
+        return {"loss": values[0], **{f"loss_{task}": values[1 + i] for i, task in enumerate(self.tasks)},
+                "data_wait_fraction": values[k + 1] / max(values[k + 2], 1e-12)}
+
+
+def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig):
+    """One optimizer step over `grad_accum_steps` micro-batches.
+    -> (mean loss, mean task losses, seconds waiting for data), all of this rank."""
+    loss_sum, task_sums, data_wait = 0.0, None, 0.0
+    accumulation = config.train.grad_accum_steps
+    for _ in range(accumulation):
+        waited = time.perf_counter()
+        # The loader's randomness is its own (seeded, restored from its state_dict); whatever it
+        # draws from torch's global generator (a DataLoader takes a base seed from it) must not
+        # shift the model's dropout, or a resumed run would differ from an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)
+        data_wait += time.perf_counter() - waited
+        with accelerator.accumulate(model):
+            output = model(**model_inputs(batch))
+            accelerator.backward(output.loss)
+            # DeepSpeed clips inside its step (gradient_clipping in the ds_config)
+            if accelerator.sync_gradients and config.optim.grad_clip > 0 and not uses_deepspeed(accelerator):
+                accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += output.loss.item()
+        values = [value.item() for value in output.task_losses.values()]
+        task_sums = values if task_sums is None else [a + b for a, b in zip(task_sums, values)]
+    scheduler.step()
+    return loss_sum / accumulation, [value / accumulation for value in task_sums], data_wait
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+class Monitor:
+    """Rank 0's outputs: TensorBoard scalars, the progress bar, one line per evaluation."""
+
+    def __init__(self, config: RunConfig, accelerator, start_step: int):
+        self.enabled = accelerator.is_main_process
+        self.writer = self.bar = None
+        if self.enabled and config.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops what a preempted run logged after its last checkpoint
+            self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
+                                        purge_step=start_step if start_step else None)
+        if self.enabled and config.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            unit="step")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def progress(self, loss: float, samples_per_second: float | None) -> None:
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}"}
+            if samples_per_second is not None:
+                postfix["samples/s"] = f"{samples_per_second:.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
+    """The train loader and (if the split exists and is not empty) the eval loader, both sharded
+    by rank here: they are never passed to accelerator.prepare, which would shard them again."""
+    from cmaclip.data.loader import build_loader
+
+    common = dict(config=config.data, batch_size=config.train.batch_size, image_size=image_size,
+                  rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  seed=config.train.seed, device=accelerator.device)
+    train_loader = build_loader(config.data.shards, config.data.train_split, train=True, **common)
+    eval_loader = None
+    split = dataset.splits.get(config.data.eval_split)
+    if split is not None and split.samples > 0:
+        eval_loader = build_loader(config.data.shards, config.data.eval_split, train=False, **common)
+    return train_loader, eval_loader
+
+
+def train(config: RunConfig) -> int:
+    """Run (or continue) the training `config` describes. Returns the step it stopped at."""
+    quiet_libraries()
+    accelerator = make_accelerator(config)
+    finished = False
+    try:
+        step = run(config, accelerator)
+        finished = True
+        return step
+    finally:
+        shutdown(accelerator, wait=finished)
+
+
+def run(config: RunConfig, accelerator) -> int:
+    from accelerate.utils import set_seed
+
+    from cmaclip.data.format import load_dataset_info
+    from cmaclip.evaluate import evaluate_model, log_evaluation
+    from cmaclip.model import CMAClip
+
+    output_dir = Path(config.output_dir)
+    resume_from = checkpoint.resolve_resume(config.train.resume, output_dir)
+    set_seed(config.train.seed)  # the same initial weights on every rank
+    dataset = load_dataset_info(config.data.shards)
+    model = CMAClip(config.model, dataset.tasks)
+    train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
+    if uses_deepspeed(accelerator):
+        clip = model.backbone.clip_config
+        fill_deepspeed_config(accelerator, config,
+                              hidden_size=max(clip.text_config.hidden_size, clip.vision_config.hidden_size))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step = 0
+    if resume_from is not None:
+        step = checkpoint.load_checkpoint(accelerator, resume_from, train_loader)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(config))
+        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    monitor = Monitor(config, accelerator, step)
+    if resume_from is not None:
+        monitor.line(f"resumed from {resume_from} at step {step}")
+    monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
+                 f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
+
+    def evaluate() -> None:
+        result = evaluate_model(model, eval_loader, accelerator)
+        log_evaluation(monitor.writer, result, step)
+        monitor.line(f"step {step}: {result.summary()}")
+
+    samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
+    stop = StopRequest()
+    stats = StepStats(list(dataset.tasks))
+    batches = endless(train_loader)
+    last_saved = step if resume_from is not None else None
+    model.train()
+    while step < config.train.max_steps:
+        started = time.perf_counter()
+        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config)
+        step += 1
+        stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
+        samples_per_second = None
+        if step % config.logging.log_every == 0 or step == config.train.max_steps:
+            values = stats.reduce(accelerator)
+            samples_per_second = samples_per_step * stats.steps / (time.perf_counter() - stats.started)
+            values.update(lr=scheduler.get_last_lr()[-1], samples_per_second=samples_per_second)
+            values.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
+            monitor.scalars(values, step)
+            stats.reset()
+        monitor.progress(loss, samples_per_second)
+        last_step = step == config.train.max_steps
+        if eval_loader is not None and config.train.eval_every and step % config.train.eval_every == 0 \
+                and not last_step:
+            evaluate()
+            stats.reset()
+        if config.train.save_every and step % config.train.save_every == 0 and not last_step:
+            checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+            last_saved = step
+            stats.reset()
+        if not last_step and stop.agreed(accelerator):
+            if last_saved != step:
+                checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+            if accelerator.is_main_process:
+                (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+            monitor.line(f"stopped on SIGUSR1 at step {step}; checkpoint saved, resume with train.resume=auto")
+            monitor.close()
+            return step
+
+    if eval_loader is not None:
+        evaluate()
+    if last_saved != step:
+        final = checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+    else:
+        final = checkpoint.latest_checkpoint(output_dir)
+    if config.train.export:
+        exported = checkpoint.export_model(accelerator, model, final, output_dir)
+        monitor.line(f"exported the model to {exported}")
+    monitor.close()
+    return step
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="cmaclip train",
+        description="Train CMA-CLIP from a YAML recipe; the same command runs under `accelerate launch "
+                    "-m cmaclip.train` on any number of processes and nodes.",
+        epilog="overrides: key.sub=value pairs after the options, typed by the config field. "
+               "`--keys` lists every key with its default and meaning.",
+    )
+    parser.add_argument("--config", help="YAML recipe (e.g. configs/cpu-demo.yaml); without it, the defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.keys:
+        print(describe())
+        return
+    try:
+        config = load_config(args.config, args.overrides)
+        if not args.print_config:
+            checkpoint.resolve_resume(config.train.resume, config.output_dir)
+    except ConfigError as error:
+        print(f"cmaclip train: {error}", file=sys.stderr)
+        sys.exit(2)
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return
+    train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The ablation tables from known metrics, and one tiny end-to-end ablation (slow)."""
+import json
+
+import pytest
+
+from cmaclip import ablate
+
+
+def metrics(accuracies: dict[str, float], recalls: dict[str, float]) -> dict:
+    tasks = {task: {"accuracy": accuracies[task], "macro_f1": 0.5, "recall_at_p90": recalls[task], "n": 10}
+             for task in accuracies}
+    mean = {name: sum(t[name] for t in tasks.values()) / len(tasks) for name in ("accuracy", "recall_at_p90")}
+    return {"tasks": tasks, "mean": mean, "samples": 10}
+
+
+RESULTS = {
+    "cma": {"none": metrics({"colour": 0.9, "kind": 0.8}, {"colour": 0.7, "kind": 0.5}),
+            "no-text": metrics({"colour": 0.6, "kind": 0.6}, {"colour": 0.1, "kind": 0.1}),
+            "no-image": metrics({"colour": 0.5, "kind": 0.7}, {"colour": 0.1, "kind": 0.1}),
+            "drop-words": metrics({"colour": 0.85, "kind": 0.75}, {"colour": 0.1, "kind": 0.1})},
+    "image": {"none": metrics({"colour": 0.9, "kind": 0.4}, {"colour": 0.6, "kind": 0.0}),
+              "no-text": metrics({"colour": 0.9, "kind": 0.4}, {"colour": 0.6, "kind": 0.0}),
+              "no-image": metrics({"colour": 0.1, "kind": 0.2}, {"colour": 0.0, "kind": 0.0})},
+}
+
+
+def test_table6_layout_order_and_bold_best():
+    table = ablate.table6({variant: by["none"] for variant, by in RESULTS.items()})
+    lines = table.splitlines()
+    assert lines[0] == ("| variant | colour acc | kind acc | colour R@P90 | kind R@P90 | mean acc | mean R@P90 |")
+    # the paper's order: image first, CMA-CLIP last, whatever order the results came in
+    assert lines[2].startswith("| image only (CLIP image encoder) (`image`) |")
+    assert lines[3] == "| CMA-CLIP (`cma`) | **90.0** | **80.0** | **70.0** | **50.0** | **85.0** | **60.0** |"
+    assert lines[2].split(" | ")[1:4] == ["**90.0**", "40.0", "60.0"]  # a tie is bold in both rows
+
+
+def test_robustness_table_shows_drops_and_missing_runs():
+    table = ablate.robustness_table(RESULTS)
+    lines = table.splitlines()
+    assert lines[0] == "| variant | clean | no-text (drop) | no-image (drop) | drop-words (drop) |"
+    assert lines[2] == "| `image` | 65.0 | 65.0 (+0.0) | 15.0 (-50.0) | - |"
+    assert lines[3] == "| `cma` | 85.0 | 60.0 (-25.0) | 60.0 (-25.0) | 80.0 (-5.0) |"
+
+
+def test_markdown_names_the_command_and_budget():
+    text = ablate.ablation_markdown(RESULTS, command="cmaclip ablate --config c.yaml --shards s",
+                                    budget="10 steps", split="val", samples=10)
+    assert "Command: `cmaclip ablate --config c.yaml --shards s`" in text
+    assert "10 steps" in text and "## Robustness" in text
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--config", "c.yaml", "--shards", "s", "--variants", "cma,clip"])
+
+
+@pytest.mark.slow
+def test_two_variants_end_to_end(fashion_shards, tmp_path):
+    """Trains `concat` and `cma` for 2 steps each through the real entry point, evaluates them,
+    and reuses the finished variants on a second call instead of training again."""
+    out = tmp_path / "ablation"
+    overrides = [f"output_dir={out}", "train.max_steps=2", "train.batch_size=8", "train.save_every=0",
+                 "data.loader=pil", "data.workers=0", "logging.progress_bar=false", "model.fusion_heads=4"]
+    messages = []
+    path = ablate.ablate("configs/cpu-demo.yaml", str(fashion_shards), overrides, variants=["concat", "cma"],
+                         log=messages.append)
+    text = path.read_text()
+    assert "`concat`" in text and "`cma`" in text and "no-image (drop)" in text
+    saved = json.loads((out / "ablation.json").read_text())
+    assert set(saved["results"]) == {"concat", "cma"}
+    assert set(saved["results"]["cma"]) == {"none", "no-text", "no-image", "drop-words"}
+    for variant in ("concat", "cma"):
+        assert (out / variant / "model" / "model.safetensors").is_file()
+        assert json.loads((out / variant / "model" / "config.json").read_text())["model"]["fusion"] == variant
+    messages.clear()
+    ablate.ablate("configs/cpu-demo.yaml", str(fashion_shards), overrides, variants=["concat", "cma"],
+                  log=messages.append)
+    assert all("reusing" in message for message in messages)

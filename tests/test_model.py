@@ -1,0 +1,262 @@
+"""CMAClip on the tiny preset: shapes, masking, missing modalities and labels, save/load, presets."""
+import json
+
+import pytest
+import torch
+
+from cmaclip.model import FUSIONS, CMAClip, ModelConfig
+from cmaclip.model.cmaclip import drop_one_modality
+
+TASKS = {"color": ["red", "blue", "green"], "season": ["summer", "winter"]}
+SOT, EOT = 49406, 49407
+
+
+def make_batch(lengths, context_length=77, image_size=64, seed=0):
+    """Token ids [SOT, words, EOT, 0...] of the given word counts, random images, both present."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    input_ids = torch.zeros(batch, context_length, dtype=torch.long)
+    for row, words in enumerate(lengths):
+        input_ids[row, 0] = SOT
+        input_ids[row, 1:1 + words] = torch.randint(300, 40000, (words,), generator=generator)
+        input_ids[row, 1 + words] = EOT
+    attention_mask = (torch.arange(context_length)[None, :] <= torch.tensor(lengths)[:, None] + 1).long()
+    return {
+        "pixel_values": torch.randn(batch, 3, image_size, image_size, generator=generator),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "modality_mask": torch.ones(batch, 2, dtype=torch.bool),
+    }
+
+
+def tiny(fusion="cma", **overrides):
+    torch.manual_seed(0)
+    return CMAClip(ModelConfig(preset="tiny", fusion=fusion, **overrides), TASKS).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These are small ops: on a shared 2-core machine, 2 spinning threads cost 5x the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cma():
+    return tiny()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_variant_gives_logits_weights_and_a_loss_every_parameter_trains(fusion):
+    model = tiny(fusion).train()
+    batch = make_batch([3, 7, 1, 12])
+    out = model(**batch, labels=torch.tensor([[0, 1], [2, -1], [-1, 0], [1, 1]]))
+    assert out.logits["color"].shape == (4, 3) and out.logits["season"].shape == (4, 2)
+    assert out.modality_weights.shape == (4, 2, 2)
+    assert set(out.task_losses) == set(TASKS) and torch.isfinite(out.loss)
+    out.loss.backward()
+    # unused parameters would stall DDP / DeepSpeed: a variant builds only what it uses
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert all(p.dim() > 0 for p in model.parameters()), "0-dim parameters break DeepSpeed"
+
+
+def test_tiny_model_learns_a_small_batch():
+    model = tiny().train()
+    batch = make_batch([3, 5, 8, 2, 6, 4, 9, 1])
+    labels = torch.tensor([[0, 1], [1, 0], [2, 1], [0, 0], [1, 1], [2, 0], [0, 1], [1, 0]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_modules_a_variant_does_not_use_are_not_built():
+    assert tiny("image").backbone.text_model is None
+    assert tiny("text").backbone.vision_model is None
+    assert tiny("concat").sequence_attention is None
+    assert tiny("cma-no-modality").modality_attention is None
+
+
+def test_attentions_cover_the_trimmed_sequence(cma):
+    out = cma(**make_batch([3, 9]), return_attentions=True)
+    text_length = 11  # SOT + 9 words + EOT
+    assert out.text_length == text_length
+    assert [a.shape for a in out.attentions] == [(2, 8, text_length + 65, text_length + 65)] * 2
+    fused = cma(**make_batch([3, 9]))
+    assert (fused.logits["color"] - out.logits["color"]).abs().max() < 1e-5
+
+
+def test_outputs_do_not_depend_on_padding(cma):
+    alone = make_batch([4], seed=1)
+    short = {key: value[:, :20] if value.shape[-1] == 77 else value for key, value in alone.items()}
+    # the same sample batched with a much longer text gets 20 more masked text positions
+    with_long = make_batch([4, 30], seed=1)
+    with_long = {key: torch.cat([alone[key], value[1:]]) for key, value in with_long.items()}
+    with torch.no_grad():
+        reference = cma(**alone)
+        for other in (cma(**short), cma(**with_long)):
+            for task in TASKS:
+                assert (other.logits[task][0] - reference.logits[task][0]).abs().max() < 1e-5
+            assert (other.modality_weights[0] - reference.modality_weights[0]).abs().max() < 1e-6
+
+
+def test_modality_weights_sum_to_one_over_present_modalities():
+    cma = tiny()
+    batch = make_batch([3, 5, 8, 2])
+    batch["modality_mask"] = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=torch.bool)
+    cma.modality_attention.task_vectors.data.normal_()  # non-trivial weights, not the init's 0.5
+    weights = cma(**batch).modality_weights
+    assert torch.all((weights >= 0) & (weights <= 1))
+    assert torch.allclose(weights[:3].sum(-1), torch.ones(3, 2))
+    assert not torch.allclose(weights[0], torch.full((2, 2), 0.5))
+    assert torch.equal(weights[1, :, 1], torch.zeros(2)) and torch.equal(weights[2, :, 0], torch.zeros(2))
+    assert torch.equal(weights[3], torch.zeros(2, 2))  # nothing present: no weights, no NaN
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_missing_modality_does_not_influence_the_prediction(fusion):
+    model = tiny(fusion)
+    batch = make_batch([5, 5])
+    batch["modality_mask"] = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)  # no image / no text
+    changed = {key: value.clone() for key, value in batch.items()}
+    changed["pixel_values"][0] = torch.randn(3, 64, 64)
+    changed["input_ids"][1, 1:6] = torch.randint(300, 40000, (5,))
+    with torch.no_grad():
+        out, out_changed = model(**batch), model(**changed)
+    for task in TASKS:
+        assert torch.isfinite(out.logits[task]).all()
+        assert (out.logits[task] - out_changed.logits[task]).abs().max() < 1e-5
+    expected_text_weight = {"image": [0.0, 0.0], "text": [1.0, 0.0]}.get(fusion, [1.0, 0.0])
+    assert out.modality_weights[:, 0, 0].tolist() == expected_text_weight
+
+
+def test_missing_labels_contribute_nothing_to_loss_or_gradient():
+    model = tiny(label_smoothing=0.1)  # smoothing spreads loss over classes: it too must be masked
+    out = model(**make_batch([3, 4, 5]))
+    labels = torch.tensor([[0, -1], [-1, -1], [2, -1]])  # season has no label at all
+    logits = {task: value.detach().requires_grad_() for task, value in out.logits.items()}
+    loss, task_losses = model.loss(logits, labels)
+    loss.backward()
+    assert task_losses["season"] == 0 and torch.isfinite(loss)
+    assert torch.equal(logits["season"].grad, torch.zeros(3, 2))
+    assert torch.equal(logits["color"].grad[1], torch.zeros(3))
+    expected = torch.nn.functional.cross_entropy(logits["color"][[0, 2]], torch.tensor([0, 2]), label_smoothing=0.1)
+    assert torch.allclose(loss, expected)
+
+
+def test_task_weights_and_label_smoothing_enter_the_loss():
+    model = tiny(task_weights={"season": 3.0}, label_smoothing=0.1)
+    logits = {"color": torch.randn(2, 3), "season": torch.randn(2, 2)}
+    labels = torch.tensor([[0, 1], [1, 0]])
+    loss, task_losses = model.loss(logits, labels)
+    smoothed = torch.nn.functional.cross_entropy(logits["season"], labels[:, 1], label_smoothing=0.1)
+    assert torch.allclose(task_losses["season"], smoothed)
+    assert torch.allclose(loss, task_losses["color"] + 3.0 * task_losses["season"])
+
+
+def test_modality_dropout_drops_one_modality_never_both():
+    torch.manual_seed(0)
+    present = torch.tensor([[1, 1]] * 1000 + [[1, 0], [0, 1]], dtype=torch.bool)
+    dropped = drop_one_modality(present, 0.999)
+    assert torch.all(dropped.sum(-1) >= 1)
+    assert dropped[:1000].sum(-1).eq(1).float().mean() > 0.99
+    assert 0.4 < dropped[:1000, 0].float().mean() < 0.6  # text and image equally likely
+    assert torch.equal(dropped[1000:], present[1000:])
+    model = tiny(modality_dropout=0.999)  # eval mode: no dropout
+    assert torch.equal(model(**make_batch([3, 3])).modality_weights, torch.full((2, 2, 2), 0.5))
+
+
+def test_save_and_load_give_identical_logits_without_the_hub(cma, tmp_path):
+    batch = make_batch([3, 9])
+    cma.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["tasks"] == TASKS and saved["model"]["image_size"] == 64 and "vision_config" in saved["clip"]
+    # a model first built from a hub checkpoint keeps that name: loading must not go back there
+    saved["model"]["pretrained"] = "openai/clip-vit-base-patch16"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = CMAClip.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        before, after = cma(**batch), loaded(**batch)
+    for task in TASKS:
+        assert torch.equal(before.logits[task], after.logits[task])
+    assert loaded.tasks == TASKS and loaded.config.fusion == "cma"
+
+
+def test_save_pretrained_refuses_a_state_dict_of_another_model(cma, tmp_path):
+    with pytest.raises(ValueError, match="unexpected"):
+        cma.save_pretrained(tmp_path, state_dict={("module." + k): v for k, v in cma.state_dict().items()})
+
+
+def test_from_pretrained_names_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CMAClip.from_pretrained(tmp_path)
+
+
+# Published parameter counts of openai/clip-vit-*: CLIPModel minus its 0-dim logit_scale.
+@pytest.mark.parametrize("preset, clip_parameters, patches", [
+    ("vit-b-32", 151_277_313, 49), ("vit-b-16", 149_620_737, 196), ("vit-l-14", 427_616_513, 256)])
+def test_big_presets_have_the_published_shapes(preset, clip_parameters, patches):
+    with torch.device("meta"):  # shapes only, no memory
+        model = CMAClip(ModelConfig(preset=preset), TASKS)
+    assert sum(p.numel() for p in model.backbone.parameters()) == clip_parameters - 1
+    assert model.config.image_size == 224 and model.config.context_length == 77
+    assert model.backbone.vision_model.embeddings.num_patches == patches
+
+
+def test_pretrained_loads_a_local_clip_folder_and_interpolates_a_new_image_size(tmp_path):
+    from transformers import CLIPModel
+
+    from cmaclip.model.config import preset_clip_config
+
+    clip = CLIPModel(preset_clip_config(ModelConfig(preset="tiny")))
+    clip.save_pretrained(tmp_path)
+    model = CMAClip(ModelConfig(pretrained=str(tmp_path), image_size=32), TASKS).eval()
+    assert torch.equal(model.backbone.visual_projection.weight, clip.visual_projection.weight)
+    assert torch.equal(model.backbone.text_model.embeddings.token_embedding.weight,
+                       clip.text_model.embeddings.token_embedding.weight)
+    out = model(**make_batch([3, 5], image_size=32))  # 64 px position table, interpolated to 32 px
+    assert torch.isfinite(out.logits["color"]).all() and model.config.image_size == 32
+
+
+def test_bfloat16_model_runs_and_reports_float32_weights():
+    model = tiny().to(torch.bfloat16)
+    batch = make_batch([3, 5])
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    batch["modality_mask"][1, 1] = False
+    out = model(**batch, labels=torch.tensor([[0, 1], [1, -1]]))
+    assert torch.isfinite(out.loss) and out.modality_weights.dtype == torch.float32
+    assert out.modality_weights[1, :, 1].tolist() == [0.0, 0.0]
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="model.fusion"):
+        CMAClip(ModelConfig(fusion="late"), TASKS)
+    with pytest.raises(ValueError, match="model.preset"):
+        CMAClip(ModelConfig(preset="vit-h-14"), TASKS)
+    with pytest.raises(ValueError, match="model.task_weights"):
+        CMAClip(ModelConfig(task_weights={"colour": 2.0}), TASKS)
+    with pytest.raises(ValueError, match="model.fusion_heads"):
+        CMAClip(ModelConfig(fusion_heads=3), TASKS)
+    with pytest.raises(ValueError, match="model.image_size"):
+        CMAClip(ModelConfig(image_size=60), TASKS)
+
+
+def test_labels_of_the_wrong_shape_are_refused(cma):
+    with pytest.raises(ValueError, match="labels must be"):
+        cma(**make_batch([3]), labels=torch.tensor([0, 1]))
+
+
+def test_image_size_override_and_gradient_checkpointing():
+    model = tiny(image_size=32, gradient_checkpointing=True).train()
+    assert model.config.image_size == 32
+    assert model.backbone.vision_model.is_activation_checkpointing and model.sequence_attention.gradient_checkpointing
+    out = model(**make_batch([3, 4], image_size=32), labels=torch.tensor([[0, 1], [1, 0]]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
