@@ -3,8 +3,10 @@ tensors each rank really holds, against the ZeRO paper's formula (Rajbhandari et
 
 Two CPU processes (gloo) train the tiny CMA-CLIP one step with AdamW in each mode. Per rank:
   parameters  the model's parameter storage (ZeRO-3: each parameter's partition, ds_tensor)
-  gradients   what holds the gradients between backward and the optimizer step (p.grad; ZeRO-2:
-              the optimizer's reduced gradient partitions; ZeRO-3: its flat gradient-partition buffer)
+  gradients   what holds the gradients between backward and the optimizer step: p.grad, and
+              DeepSpeed's reduced gradient partitions. DeepSpeed's ZeRO-1 also reduces the
+              gradients into partitions at the end of backward (the paper's P_os keeps them whole),
+              so it measures like ZeRO-2 here; inside gradient accumulation it keeps full p.grad.
   optimizer   AdamW's exp_avg + exp_avg_sq, plus DeepSpeed's fp32 master copy of its partition
 The formula, for Ψ parameters on N ranks with P bytes per parameter/gradient element and K bytes of
 optimizer state per parameter: DDP (P+P+K)Ψ, ZeRO-1 PΨ+PΨ+KΨ/N, ZeRO-2 PΨ+(P+K)Ψ/N,
@@ -32,7 +34,13 @@ MODES = ("ddp", "zero1", "zero2", "zero3")
 
 
 def nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes of `tensors`, each counted once (DeepSpeed hands out partitions and gradients as views
+    into flat buffers: a view counts its own elements, not the whole buffer it lives in)."""
+    seen = {}
+    for tensor in tensors:
+        if tensor is not None:
+            seen[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 def batch(image_size: int) -> dict:
@@ -81,12 +89,12 @@ def measure_zero(preset: str, stage: int) -> dict:
                                     "stage3_param_persistence_threshold": 0}}
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine.backward(engine(**batch(model.config.image_size)).loss)
+    # between backward and the step: the model's p.grad and DeepSpeed's gradient partitions
     held = [p.grad for p in engine.module.parameters()]
-    if stage == 2:
-        for group in zero_optimizer.averaged_gradients.values():
-            held += [getattr(group, "flat_partition", None)] if hasattr(group, "flat_partition") else list(group)
-    if stage == 3:
-        held.append(zero_optimizer.grad_partitions_flat_buffer)
+    for group in zero_optimizer.averaged_gradients.values() if stage < 3 else ():
+        held += list(group) if isinstance(group, (list, tuple)) else [getattr(group, "flat_partition", None)]
+    held += [getattr(zero_optimizer, "grads_in_partition", None),
+             getattr(zero_optimizer, "grad_partitions_flat_buffer", None)]
     gradients = nbytes(held)
     engine.step()
     if stage == 3:

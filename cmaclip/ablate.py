@@ -9,18 +9,25 @@ Each variant trains in its own process (the training entry point, `-m cmaclip.tr
 overrides plus `model.fusion=<variant>`. Only the fusion differs: same steps, batch size, learning
 rates, seed, data order. Then each exported model is evaluated on `--split`, clean and under the
 robustness perturbations (title removed, image removed, 30% of title words dropped), and the
-tables are written. A variant whose metrics are already in output_dir/<variant>/ is not
-retrained, so an interrupted ablation continues where it stopped (delete the folder to redo one).
+tables are written. A variant whose metrics are already in its folder is not retrained, so an
+interrupted ablation continues where it stopped (delete the folder to redo one).
+
+`--seeds 0,1,2` repeats every variant with each seed (`train.seed`: initial weights, data order,
+augmentation) under output_dir/<variant>/seed<k>/ and reports mean ± standard deviation over
+the seeds: on a small evaluation split, single runs of close variants differ by noise.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from cmaclip.evaluate import PERTURBATIONS, write_json_atomic
 
@@ -37,11 +44,31 @@ METRICS_FILE = "metrics-{perturb}.json"
 
 # ---- tables ----------------------------------------------------------------------------------------
 
-def _cell(value, best: bool = False) -> str:
+def _cell(value, best: bool = False, spread=None) -> str:
     if value is None:
         return "-"
     text = f"{100 * value:.1f}"
-    return f"**{text}**" if best else text
+    text = f"**{text}**" if best else text
+    return text if spread is None else f"{text} ± {100 * spread:.1f}"
+
+
+def average_runs(runs: list[dict]) -> dict:
+    """Several seeds' metrics.json contents -> the same layout holding the means, plus "std"
+    (same layout, sample standard deviations; None for a single run) and "runs"."""
+    def combine(values, reduce):
+        present = [v for v in values if v is not None]
+        return reduce(present) if present else None
+
+    def over_runs(reduce):
+        tasks = {task: {metric: combine([run["tasks"][task][metric] for run in runs], reduce)
+                        for metric in runs[0]["tasks"][task] if metric != "n"}
+                 for task in runs[0]["tasks"]}
+        mean = {metric: combine([run["mean"][metric] for run in runs], reduce) for metric in runs[0]["mean"]}
+        return {"tasks": tasks, "mean": mean}
+
+    averaged = over_runs(lambda values: float(np.mean(values)))
+    spread = over_runs(lambda values: float(np.std(values, ddof=1))) if len(runs) > 1 else None
+    return {**averaged, "std": spread, "runs": len(runs), "samples": runs[0].get("samples")}
 
 
 def _best(values: dict[str, float | None]) -> set[str]:
@@ -54,14 +81,17 @@ def _best(values: dict[str, float | None]) -> set[str]:
 
 def table6(results: dict[str, dict]) -> str:
     """Per-task accuracy and recall at 90% precision (percent) of each variant, and the means;
-    the best value of each column in bold. results: variant -> clean metrics.json content."""
+    the best value of each column in bold. results: variant -> clean metrics.json content, or
+    average_runs() of several seeds (then cells read mean ± std)."""
     variants = [v for v in VARIANTS if v in results] + [v for v in results if v not in VARIANTS]
     tasks = list(next(iter(results.values()))["tasks"])
     columns = [(task, "accuracy") for task in tasks] + [(task, "recall_at_p90") for task in tasks]
     columns += [("mean", "accuracy"), ("mean", "recall_at_p90")]
 
-    def value(variant, task, metric):
-        metrics = results[variant]
+    def value(variant, task, metric, key=None):
+        metrics = results[variant] if key is None else results[variant].get(key)
+        if metrics is None:
+            return None
         return (metrics["mean"] if task == "mean" else metrics["tasks"][task]).get(metric)
 
     best = {column: _best({v: value(v, *column) for v in variants}) for column in columns}
@@ -70,7 +100,8 @@ def table6(results: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for variant in variants:
         cells = [VARIANT_NAMES.get(variant, variant) + f" (`{variant}`)"]
-        cells += [_cell(value(variant, *column), variant in best[column]) for column in columns]
+        cells += [_cell(value(variant, *column), variant in best[column], value(variant, *column, key="std"))
+                  for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -96,7 +127,10 @@ def robustness_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budget: str, split: str,
-                      samples: int) -> str:
+                      samples: int, seeds: list[int]) -> str:
+    """results: variant -> perturbation -> metrics (one run's, or average_runs() of the seeds)."""
+    over_seeds = (f" Mean ± standard deviation over seeds {', '.join(map(str, seeds))}." if len(seeds) > 1
+                  else "")
     return "\n".join([
         "# Ablation (the paper's Table 6)",
         "",
@@ -105,7 +139,7 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
         f"Budget, the same for every variant: {budget}. Evaluated on split `{split}` ({samples} samples, "
         "each counted once).",
         "",
-        "Accuracy and recall at 90% precision (R@P90), in percent; best of each column in bold.",
+        f"Accuracy and recall at 90% precision (R@P90), in percent; best of each column in bold.{over_seeds}",
         "",
         table6({variant: by_perturb["none"] for variant, by_perturb in results.items()}),
         "",
@@ -123,7 +157,13 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
 # ---- running the variants --------------------------------------------------------------------------
 
 def train_command(launcher: list[str], config: str, overrides: list[str]) -> list[str]:
-    return [*launcher, "-m", "cmaclip.train", "--config", config, *overrides]
+    """The launcher's program is looked up on PATH, then next to this Python (a venv's
+    `accelerate` works without activating the venv)."""
+    program = launcher[0]
+    beside_python = Path(sys.executable).parent / program
+    if shutil.which(program) is None and beside_python.is_file():
+        program = str(beside_python)
+    return [program, *launcher[1:], "-m", "cmaclip.train", "--config", config, *overrides]
 
 
 def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_size: int, loader: str) -> dict:
@@ -152,10 +192,31 @@ def load_variant_metrics(run_dir: Path, perturbs) -> dict | None:
     return {perturb: json.loads(path.read_text()) for perturb, path in zip(perturbs, paths)}
 
 
-def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARIANTS, launcher: list[str] = (),
-           split: str = "val", eval_batch_size: int = 64, robustness: bool = True,
+def train_and_evaluate(run_dir: Path, variant: str, label: str, *, launcher, config_path, overrides, shards,
+                       split, perturbs, eval_batch_size, loader, log) -> dict:
+    """One variant with one seed (its metrics reused when already there). -> perturbation -> metrics."""
+    saved = load_variant_metrics(run_dir, perturbs)
+    if saved is not None:
+        log(f"{label}: already trained and evaluated in {run_dir}, reusing")
+        return saved
+    command = train_command(launcher, config_path, [*overrides, f"model.fusion={variant}", f"output_dir={run_dir}"])
+    log(f"{label}: training: {shlex.join(command)}")
+    started = time.perf_counter()
+    completed = subprocess.run(command)
+    if completed.returncode != 0:
+        raise RuntimeError(f"training variant {variant!r} failed (exit {completed.returncode}); "
+                           f"its output is above; the command was: {shlex.join(command)}")
+    log(f"{label}: trained in {time.perf_counter() - started:.0f} s; evaluating")
+    results = evaluate_variant(run_dir, shards, split, perturbs, eval_batch_size, loader)
+    log(f"{label}: mean accuracy {results['none']['mean']['accuracy']:.3f}")
+    return results
+
+
+def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARIANTS, seeds: list[int] | None = None,
+           launcher: list[str] = (), split: str = "val", eval_batch_size: int = 64, robustness: bool = True,
            log=lambda message: print(message, flush=True)) -> Path:
-    """Train and evaluate `variants`; returns the path of ablation.md."""
+    """Train and evaluate `variants` (with each of `seeds`, default: the config's train.seed);
+    returns the path of ablation.md."""
     from cmaclip.config import load_config
 
     overrides = [*overrides, f"data.shards={shards}"]
@@ -163,42 +224,38 @@ def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARI
     output_dir = Path(base.output_dir)
     launcher = list(launcher) or [sys.executable]
     perturbs = list(PERTURBATIONS) if robustness else ["none"]
+    several = seeds is not None and len(seeds) > 1
+    seeds = list(seeds) if seeds else [base.train.seed]
     results = {}
     for number, variant in enumerate(variants, start=1):
-        run_dir = output_dir / variant
-        saved = load_variant_metrics(run_dir, perturbs)
-        if saved is not None:
-            log(f"[{number}/{len(variants)}] {variant}: already trained and evaluated in {run_dir}, reusing")
-            results[variant] = saved
-            continue
-        command = train_command(launcher, config_path, [*overrides, f"model.fusion={variant}",
-                                                        f"output_dir={run_dir}"])
-        log(f"[{number}/{len(variants)}] {variant}: training: {shlex.join(command)}")
-        started = time.perf_counter()
-        completed = subprocess.run(command)
-        if completed.returncode != 0:
-            raise RuntimeError(f"training variant {variant!r} failed (exit {completed.returncode}); "
-                               f"its output is above; the command was: {shlex.join(command)}")
-        log(f"[{number}/{len(variants)}] {variant}: trained in {time.perf_counter() - started:.0f} s; evaluating")
-        results[variant] = evaluate_variant(run_dir, shards, split, perturbs, eval_batch_size, base.data.loader)
-        log(f"[{number}/{len(variants)}] {variant}: mean accuracy "
-            f"{results[variant]['none']['mean']['accuracy']:.3f}")
+        runs = []
+        for seed in seeds:
+            label = f"[{number}/{len(variants)}] {variant}" + (f" seed {seed}" if several else "")
+            runs.append(train_and_evaluate(
+                output_dir / variant / f"seed{seed}" if several else output_dir / variant, variant, label,
+                launcher=launcher, config_path=config_path, overrides=[*overrides, f"train.seed={seed}"],
+                shards=shards, split=split, perturbs=perturbs, eval_batch_size=eval_batch_size,
+                loader=base.data.loader, log=log))
+        results[variant] = {perturb: average_runs([run[perturb] for run in runs]) if several else runs[0][perturb]
+                            for perturb in perturbs}
 
     world = launcher_world_size(launcher)
     budget = (f"{base.train.max_steps} steps x batch {base.train.batch_size} per process x "
               f"{base.train.grad_accum_steps} accumulation x {world} process(es), lr {base.optim.lr:g} "
-              f"(backbone {base.optim.backbone_lr:g}), seed {base.train.seed}, model.preset={base.model.preset}"
-              + (f", pretrained {base.model.pretrained}" if base.model.pretrained else ", random init"))
+              f"(backbone {base.optim.backbone_lr:g}), model.preset={base.model.preset}"
+              + (f", pretrained {base.model.pretrained}" if base.model.pretrained else ", random init")
+              + f", seed{'s' if several else ''} {', '.join(map(str, seeds))}")
     command = shlex.join(["cmaclip", "ablate", "--config", config_path, "--shards", shards,
+                          *(["--seeds", ",".join(map(str, seeds))] if several else []),
                           *(["--launcher", shlex.join(launcher)] if launcher != [sys.executable] else []),
                           *[o for o in overrides if not o.startswith("data.shards=")]])
     samples = next(iter(results.values()))["none"]["samples"]
-    markdown = ablation_markdown(results, command=command, budget=budget, split=split, samples=samples)
+    markdown = ablation_markdown(results, command=command, budget=budget, split=split, samples=samples, seeds=seeds)
     path = output_dir / "ablation.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown)
     write_json_atomic(output_dir / "ablation.json", {"command": command, "budget": budget, "split": split,
-                                                     "results": results})
+                                                     "seeds": seeds, "results": results})
     return path
 
 
@@ -224,6 +281,9 @@ def parse_args(argv):
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all five)")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values, e.g. 0,1,2: every variant "
+                                                     "runs with each and the tables show mean ± std (default: "
+                                                     "the config's seed, one run)")
     parser.add_argument("--launcher", default="",
                         help='how to start each training, e.g. "accelerate launch --config_file '
                              'launchers/accelerate/cpu.yaml" (default: one process of this Python)')
@@ -232,6 +292,10 @@ def parse_args(argv):
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()] or None
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -243,7 +307,7 @@ def main(argv=None) -> None:
     from cmaclip.config import ConfigError
 
     try:
-        path = ablate(args.config, args.shards, args.overrides, variants=args.variants,
+        path = ablate(args.config, args.shards, args.overrides, variants=args.variants, seeds=args.seeds,
                       launcher=shlex.split(args.launcher), split=args.split, robustness=not args.no_robustness)
     except (ConfigError, RuntimeError, FileNotFoundError) as error:
         print(f"cmaclip ablate: {error}", file=sys.stderr)

@@ -16,8 +16,10 @@ Every checkpoint folder must be on a filesystem all nodes share.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -150,7 +152,8 @@ def export_model(accelerator, model, checkpoint: Path, output_dir: str | Path) -
         if accelerator.state.deepspeed_plugin is not None:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+            with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # its progress prints
+                state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
         if target.exists():
             shutil.rmtree(target)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from cmaclip.config import RunConfig
+from cmaclip.config import ConfigError, RunConfig
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -98,6 +98,12 @@ def fill_deepspeed_config(accelerator: Accelerator, config: RunConfig, hidden_si
             "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
         },
     )
+    # the loop counts micro-batches itself: a ds_config that fixes other values would desync it
+    for key, ours in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", accumulation)):
+        theirs = plugin.get_value(key)
+        if theirs != ours:
+            raise ConfigError(f"the DeepSpeed config sets {key}={theirs} but the run config says {ours} "
+                              f"(train.batch_size / train.grad_accum_steps): set it to \"auto\" in the ds_config")
 
 
 def quiet_libraries() -> None:

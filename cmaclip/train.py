@@ -163,9 +163,9 @@ class Monitor:
         if self.enabled and config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops what a preempted run logged after its last checkpoint
+            # purge_step hides what a preempted run logged after its last checkpoint
             self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
-                                        purge_step=start_step if start_step else None)
+                                        purge_step=start_step + 1 if start_step else None)
         if self.enabled and config.logging.progress_bar:
             from tqdm import tqdm
 
@@ -178,6 +178,7 @@ class Monitor:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def progress(self, loss: float, samples_per_second: float | None) -> None:
+        """samples_per_second: the latest measurement (None until the first log step)."""
         if self.bar is not None:
             postfix = {"loss": f"{loss:.4f}"}
             if samples_per_second is not None:
@@ -264,7 +265,10 @@ def run(config: RunConfig, accelerator) -> int:
                  f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
 
     def evaluate() -> None:
-        result = evaluate_model(model, eval_loader, accelerator)
+        # evaluation never shifts the training's random stream: a run with and without periodic
+        # evaluation trains identically
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate_model(model, eval_loader, accelerator)
         log_evaluation(monitor.writer, result, step)
         monitor.line(f"step {step}: {result.summary()}")
 
@@ -272,19 +276,20 @@ def run(config: RunConfig, accelerator) -> int:
     stop = StopRequest()
     stats = StepStats(list(dataset.tasks))
     batches = endless(train_loader)
-    last_saved = step if resume_from is not None else None
+    saved_step, saved = (step, resume_from) if resume_from is not None else (None, None)
+    samples_per_second = None
     model.train()
     while step < config.train.max_steps:
         started = time.perf_counter()
         loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config)
         step += 1
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
-        samples_per_second = None
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
             values = stats.reduce(accelerator)
             samples_per_second = samples_per_step * stats.steps / (time.perf_counter() - stats.started)
-            values.update(lr=scheduler.get_last_lr()[-1], samples_per_second=samples_per_second)
-            values.update({f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups})
+            learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
+            values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
+                          samples_per_second=samples_per_second)
             monitor.scalars(values, step)
             stats.reset()
         monitor.progress(loss, samples_per_second)
@@ -294,11 +299,11 @@ def run(config: RunConfig, accelerator) -> int:
             evaluate()
             stats.reset()
         if config.train.save_every and step % config.train.save_every == 0 and not last_step:
-            checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
-            last_saved = step
+            saved_step, saved = step, checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader,
+                                                                 config.train.keep_last)
             stats.reset()
         if not last_step and stop.agreed(accelerator):
-            if last_saved != step:
+            if saved_step != step:
                 checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
             if accelerator.is_main_process:
                 (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
@@ -308,12 +313,10 @@ def run(config: RunConfig, accelerator) -> int:
 
     if eval_loader is not None:
         evaluate()
-    if last_saved != step:
-        final = checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
-    else:
-        final = checkpoint.latest_checkpoint(output_dir)
+    if saved_step != step:
+        saved = checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
     if config.train.export:
-        exported = checkpoint.export_model(accelerator, model, final, output_dir)
+        exported = checkpoint.export_model(accelerator, model, saved, output_dir)
         monitor.line(f"exported the model to {exported}")
     monitor.close()
     return step

@@ -1,5 +1,11 @@
+import csv
+from pathlib import Path
+
 import pytest
 import torch
+
+FASHION_DIR = Path(__file__).resolve().parent.parent / "shards" / "fashion-products"
+FASHION_TASKS = ["masterCategory", "subCategory", "baseColour", "gender", "usage"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -11,12 +17,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# ---- shared data fixtures (the shard writer's; built once per test session) ---------------------
-import csv  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-FASHION_DIR = Path(__file__).resolve().parent.parent / "shards" / "fashion-products"
-FASHION_TASKS = ["masterCategory", "subCategory", "baseColour", "gender", "usage"]
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process tests run small ops: on a 2-core machine that also runs the multi-process tests'
+    workers, a second spinning thread costs several times the CPU time it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

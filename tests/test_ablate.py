@@ -44,14 +44,31 @@ def test_robustness_table_shows_drops_and_missing_runs():
 
 def test_markdown_names_the_command_and_budget():
     text = ablate.ablation_markdown(RESULTS, command="cmaclip ablate --config c.yaml --shards s",
-                                    budget="10 steps", split="val", samples=10)
+                                    budget="10 steps", split="val", samples=10, seeds=[0])
     assert "Command: `cmaclip ablate --config c.yaml --shards s`" in text
-    assert "10 steps" in text and "## Robustness" in text
+    assert "10 steps" in text and "## Robustness" in text and "standard deviation" not in text
 
 
-def test_unknown_variant_is_refused():
+def test_seeds_are_averaged_with_their_spread():
+    runs = [metrics({"colour": 0.8, "kind": 0.6}, {"colour": 0.5, "kind": 0.1}),
+            metrics({"colour": 1.0, "kind": 0.6}, {"colour": 0.7, "kind": 0.3})]
+    averaged = ablate.average_runs(runs)
+    assert averaged["runs"] == 2
+    assert averaged["tasks"]["colour"]["accuracy"] == pytest.approx(0.9)
+    assert averaged["std"]["tasks"]["colour"]["accuracy"] == pytest.approx(0.1414, abs=1e-4)  # sample std
+    assert averaged["std"]["tasks"]["kind"]["accuracy"] == pytest.approx(0.0)
+    assert averaged["mean"]["accuracy"] == pytest.approx(0.75)
+    row = ablate.table6({"cma": averaged}).splitlines()[2]
+    assert row.startswith("| CMA-CLIP (`cma`) | **90.0** ± 14.1 | **60.0** ± 0.0 |")
+    assert ablate.average_runs(runs[:1])["std"] is None
+
+
+def test_unknown_variant_and_bad_seeds_are_refused():
     with pytest.raises(SystemExit):
         ablate.parse_args(["--config", "c.yaml", "--shards", "s", "--variants", "cma,clip"])
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--config", "c.yaml", "--shards", "s", "--seeds", "0,one"])
+    assert ablate.parse_args(["--config", "c.yaml", "--shards", "s", "--seeds", "0, 2"]).seeds == [0, 2]
 
 
 @pytest.mark.slow
@@ -76,3 +93,16 @@ def test_two_variants_end_to_end(fashion_shards, tmp_path):
     ablate.ablate("configs/cpu-demo.yaml", str(fashion_shards), overrides, variants=["concat", "cma"],
                   log=messages.append)
     assert all("reusing" in message for message in messages)
+
+
+def test_launcher_found_next_to_python_when_not_on_path(monkeypatch):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    beside = Path(sys.executable).parent / "accelerate"
+    command = ablate.train_command(["accelerate", "launch", "--config_file", "x.yaml"], "c.yaml", ["a.b=1"])
+    expected_program = str(beside) if beside.is_file() else "accelerate"
+    assert command == [expected_program, "launch", "--config_file", "x.yaml", "-m", "cmaclip.train",
+                       "--config", "c.yaml", "a.b=1"]

@@ -5,15 +5,6 @@ import torch
 from cmaclip.model.attention import SequenceAttention, fused_attention, reference_attention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are small ops: on a shared 2-core machine, 2 spinning threads cost 5x the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def padded_key_mask(lengths, text_positions, image_positions, image_present=None):
     """[B, S] key mask of a [text; image] sequence: text up to each length, image if present."""
     text = torch.arange(text_positions)[None, :] < torch.tensor(lengths)[:, None]

@@ -17,6 +17,7 @@ from PIL import Image
 from cmaclip.data.config import DataConfig
 from cmaclip.data.format import attention_mask_from_tokens, decode_int32, load_dataset_info
 from cmaclip.data.loader import attention_mask, build_loader, rank_share, resolve_backend
+from cmaclip.data import pil
 from cmaclip.data.pil import preprocess_image
 from cmaclip.data.shards import write_shards
 
@@ -225,6 +226,19 @@ def test_pil_skips_an_unreadable_sample_with_one_warning(shards, tmp_path, caplo
     assert len(warnings) == 1 and "train-000000.tar sample 0" in warnings[0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_ranks_than_samples_is_refused(shards, backend):
+    with pytest.raises(ValueError, match="split 'val' has 7 samples, fewer than the 8 ranks"):
+        make_loader(shards, backend, "val", world_size=8)
+
+
+def test_pil_reads_right_with_few_open_shard_files(shards, monkeypatch):
+    expected = list(make_loader(shards, "pil", workers=0))
+    monkeypatch.setattr(pil, "MAX_OPEN_SHARDS", 2)  # the shuffled order hops between 5 tars
+    for a, b in zip(expected, make_loader(shards, "pil", workers=0), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_rank_share_matches_the_dali_reader_split():
     # DALI: part p = floor(p*N/W) .. floor((p+1)*N/W), rank r reads part (r + epoch) % W
     assert [rank_share(10, r, 3, 0) for r in range(3)] == [range(0, 3), range(3, 6), range(6, 10)]
@@ -249,3 +263,16 @@ def test_batches_land_on_the_gpu(shards, backend):
         assert all(value.device.type == "cuda" for value in on_gpu.values())
         assert torch.equal(on_gpu["index"].cpu(), on_cpu["index"])
         assert (on_gpu["pixel_values"].cpu() - on_cpu["pixel_values"]).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_stay_intact_while_the_loader_runs_on(shards, backend):
+    """DALI's outputs are shared with torch, not copied: later runs must not overwrite them."""
+    loader = make_loader(shards, backend, batch_size=4)
+    kept, copies = [], []
+    for _ in range(3):  # 18 batches, well past DALI's prefetch queue
+        for batch in loader:
+            kept.append(batch)
+            copies.append({key: value.clone() for key, value in batch.items()})
+    for batch, copy in zip(kept, copies):
+        assert all(torch.equal(batch[key], copy[key]) for key in batch)

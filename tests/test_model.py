@@ -34,15 +34,6 @@ def tiny(fusion="cma", **overrides):
     return CMAClip(ModelConfig(preset="tiny", fusion=fusion, **overrides), TASKS).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are small ops: on a shared 2-core machine, 2 spinning threads cost 5x the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cma():
     return tiny()

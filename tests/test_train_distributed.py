@@ -40,8 +40,8 @@ def environment() -> dict:
 def run_args(shards: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["--config", "configs/cpu-demo.yaml", f"data.shards={shards}", f"output_dir={output_dir}",
             f"train.max_steps={STEPS}", "train.batch_size=8", "train.save_every=4", "train.keep_last=5",
-            "train.eval_every=0", "logging.log_every=1", "logging.progress_bar=false", "data.loader=pil",
-            "data.workers=0", "data.eval_split=none", "optim.warmup_steps=2", *extra]
+            "train.eval_every=0", "logging.log_every=1", "logging.progress_bar=false", "data.workers=1",
+            "data.eval_split=none", "optim.warmup_steps=2", *extra]
 
 
 def launch(accelerate_config: str, shards: Path, output_dir: Path, *extra: str, launch_flags=()) -> str:

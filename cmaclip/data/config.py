@@ -17,7 +17,8 @@ class DataConfig:
     contract (ARCHITECTURE.md "Batch")."""
 
     workers: int = 2
-    """DALI CPU threads, or PIL DataLoader worker processes (0 = decode in the training process)."""
+    """DALI CPU threads (at least 1), or PIL DataLoader worker processes (0 = decode in the
+    training process)."""
 
     shuffle_buffer: int = 1000
     """Training only: samples DALI's reader holds and draws from at random (its `initial_fill`).

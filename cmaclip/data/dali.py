@@ -9,8 +9,10 @@ loader.py describes; its shuffle buffer draws anew every epoch. The pipeline is 
 from __future__ import annotations
 
 import base64
+from contextlib import nullcontext
 
 import numpy as np
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
@@ -40,6 +42,7 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
         mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
         images = fn.crop_mirror_normalize(images, mirror=mirror, **normalize)
     else:
+        # Same sizes and rounding as pil.eval_crop, so predict's preprocess_image matches eval.
         images = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
         images = fn.resize(images, resize_shorter=image_size, interp_type=types.INTERP_CUBIC,
                            antialias=True, subpixel_scale=False)
@@ -60,6 +63,8 @@ class DaliLoader(BatchLoader):
 
     def __init__(self, dataset, split, **arguments):
         super().__init__(dataset, split, **arguments)
+        if self.device.type == "cuda" and self.device.index is None:  # DALI needs the GPU's number
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pipeline = None
         self._restore_from = None  # a checkpoint to build the next pipeline from
 
@@ -71,7 +76,7 @@ class DaliLoader(BatchLoader):
             shuffle_buffer=self.config.shuffle_buffer, image_size=self.image_size,
             crop_min_scale=self.config.crop_min_scale, hflip=self.config.hflip, on_gpu=on_gpu,
             batch_size=self.batch_size, num_threads=max(1, self.config.workers),
-            device_id=(self.device.index or 0) if on_gpu else None,
+            device_id=self.device.index if on_gpu else None,
             seed=pipeline_seed(self.seed, self.rank), checkpoint=self._restore_from)
         pipeline.build()
         return pipeline
@@ -85,8 +90,10 @@ class DaliLoader(BatchLoader):
         copy = not self.pipeline.exec_dynamic
         for _ in range(len(self) - position):
             outputs = self.pipeline.run()
-            yield {name: to_torch_tensor(output.as_tensor(), copy=copy)
-                   for name, output in zip(OUTPUTS, outputs)}
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+                batch = {name: to_torch_tensor(output.as_tensor(), copy=copy)
+                         for name, output in zip(OUTPUTS, outputs)}
+            yield batch
 
     def _backend_state(self):
         checkpoint = self.pipeline.checkpoint() if self.pipeline is not None else self._restore_from

@@ -61,6 +61,9 @@ class BatchLoader:
             raise ValueError(f"batch_size ({batch_size}) and image_size ({image_size}) must be >= 1")
         self.dataset, self.split, self.config = dataset, split, config
         self.num_samples = dataset.num_samples(split)
+        if self.num_samples < world_size:  # DALI's reader refuses it, and a rank would read nothing
+            raise ValueError(f"{dataset.root}: split {split!r} has {self.num_samples} samples, "
+                             f"fewer than the {world_size} ranks; every rank needs at least one")
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)

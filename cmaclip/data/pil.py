@@ -2,12 +2,13 @@
 
 Same batches as the DALI loader (loader.py's rule: DALI's split into parts, padding, steps).
 Samples are located through the shards' .idx files (the ones DALI reads), so the sample order is
-DALI's and a sample is read with one positioned read. The epoch's batches are dealt to the
-DataLoader workers explicitly (batch b of the epoch to worker b mod workers, which is the order
-the DataLoader collects them in); every random choice (shuffle, crop, flip) is seeded by
-(seed, rank, epoch[, position]), so a resumed loader needs no state beyond (epoch, batch).
-A sample that cannot be read becomes an empty padding row (index -1) and a warning, rate-limited
-per worker process.
+DALI's and a sample is one positioned read. The rank's share is explicit (loader.rank_share) and
+so is the workers' share: one endless stream of batches over all epochs, batch g of it made by
+worker g mod workers, the order the DataLoader collects them in (workers start once and keep
+decoding across epoch ends). Every random choice (shuffle, crop, flip) is seeded by
+(seed, rank, epoch[, position]), so a resumed loader needs no state beyond (epoch, batch), and the
+number of workers does not change the batches. A sample that cannot be read becomes an empty
+padding row (index -1) with a warning, rate-limited per worker process.
 """
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
 from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, rank_share
 
 log = logging.getLogger(__name__)
+
+MAX_OPEN_SHARDS = 64  # per process
 
 # (x / 255 - mean) / std as x * _SCALE + _SHIFT, two in-place passes over the batch
 _SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(1, 3, 1, 1)
@@ -75,8 +79,9 @@ def normalize(pixels: np.ndarray) -> torch.Tensor:
 
 
 def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
-    """The evaluation transform for one image: float32 [3, S, S] (predict/explain use it)."""
-    return normalize(np.stack([eval_crop(image, image_size)]))[0]
+    """The evaluation transform for one photo: float32 [3, S, S] (predict/explain use it). The
+    photo is first turned upright by its EXIF orientation, as the shard writer does."""
+    return normalize(np.stack([eval_crop(ImageOps.exif_transpose(image), image_size)]))[0]
 
 
 # --- reading samples --------------------------------------------------------------------------
@@ -98,17 +103,27 @@ class SampleTable:
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
         self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
-        self._files: dict[int, int] = {}  # shard number -> open descriptor (per process)
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard number -> descriptor, LRU
 
     def __len__(self) -> int:
         return len(self.shard_of)
 
     def read(self, sample: int) -> dict[str, bytes]:
-        shard = int(self.shard_of[sample])
-        if shard not in self._files:
-            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
-        return {ext: os.pread(self._files[shard], int(size), int(offset))
+        """The sample's components (shorter than the index says if the tar is truncated)."""
+        descriptor = self._descriptor(int(self.shard_of[sample]))
+        return {ext: os.pread(descriptor, int(size), int(offset))
                 for ext, offset, size in zip(READ_COMPONENTS, self.offsets[sample], self.sizes[sample])}
+
+    def _descriptor(self, shard: int) -> int:
+        # pread needs no file position, so descriptors inherited by forked workers are safe; a
+        # split can have thousands of shards, so only the most recently used ones stay open
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
+            if len(self._files) == MAX_OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+            self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
+        return self._files[shard]
 
     def describe(self, sample: int) -> str:
         shard = int(self.shard_of[sample])
@@ -148,47 +163,19 @@ class _WarningLimiter:
         self.last, self.unreported = now, 0
 
 
-# --- the batch stream -------------------------------------------------------------------------
+# --- making batches ---------------------------------------------------------------------------
 
-class BatchStream(torch.utils.data.IterableDataset):
-    """The batches from (epoch, position) on, epoch after epoch, dealt to the DataLoader workers:
-    batch g of the stream to worker g mod workers, the order the DataLoader collects them in.
-    One stream serves all epochs, so workers start once and keep decoding across epoch ends."""
+class BatchMaker:
+    """Makes batch b of epoch e for one rank: what the DataLoader workers run (no reference to
+    the loader, so dropping the loader shuts its workers down at once)."""
 
-    def __init__(self, loader: "PilLoader", epoch: int, position: int):
-        self.loader, self.epoch, self.position = loader, epoch, position
-
-    def __iter__(self):
-        worker = torch.utils.data.get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        loader, epoch, position, number = self.loader, self.epoch, self.position, 0
-        while True:
-            order = None
-            for batch in range(position, len(loader)):
-                if number % workers == worker_id:
-                    order = loader.epoch_order(epoch) if order is None else order
-                    yield loader.make_batch(epoch, batch, order)
-                number += 1
-            epoch, position = epoch + 1, 0
-
-
-class PilLoader(BatchLoader):
-    backend = "pil"
-
-    def __init__(self, dataset, split, **arguments):
-        super().__init__(dataset, split, **arguments)
-        self.table = SampleTable(dataset.shard_paths(split), dataset.index_paths(split))
-        if len(self.table) != self.num_samples:
-            raise ValueError(f"{dataset.root}: dataset.json says split {split!r} has "
-                             f"{self.num_samples} samples, its .idx files list {len(self.table)}")
-        self.context_length = dataset.context_length
-        self.num_tasks = len(dataset.tasks)
+    def __init__(self, loader: "PilLoader", table: SampleTable):
+        self.table, self.config = table, loader.config
+        self.num_samples, self.batches_per_epoch = loader.num_samples, len(loader)
+        self.batch_size, self.image_size, self.train = loader.batch_size, loader.image_size, loader.train
+        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
+        self.context_length, self.num_tasks = loader.dataset.context_length, len(loader.dataset.tasks)
         self._warnings = _WarningLimiter()
-        self._stream = None  # the DataLoader iterator over a BatchStream
-        self._stream_next = None  # the (epoch, batch) it yields next
-
-    def __getstate__(self):  # what a spawned worker gets: not the stream that spawns it
-        return {**self.__dict__, "_stream": None}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample numbers the rank reads in this epoch, padded with the last one to whole batches."""
@@ -196,7 +183,7 @@ class PilLoader(BatchLoader):
         share = np.arange(part.start, part.stop)
         if self.train:
             share = np.random.default_rng([self.seed, self.rank, epoch]).permutation(share)
-        padded = len(self) * self.batch_size
+        padded = self.batches_per_epoch * self.batch_size
         return np.concatenate([share, np.full(padded - len(share), share[-1])])
 
     def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> dict:
@@ -214,8 +201,8 @@ class PilLoader(BatchLoader):
                 "modality_mask": torch.from_numpy(modalities)}
 
     def _read_row(self, epoch: int, position: int, sample: int):
+        data = self.table.read(sample)  # a missing or unreadable shard file is an error, not a skip
         try:
-            data = self.table.read(sample)
             values = {ext: decode_int32(data[ext]) for ext in INT32_COMPONENTS}
             for ext, length in (("tok", self.context_length), ("lbl", self.num_tasks), ("idx", 1), ("mod", 2)):
                 if len(values[ext]) != length:
@@ -238,12 +225,49 @@ class PilLoader(BatchLoader):
         return (np.zeros((self.image_size, self.image_size, 3), np.uint8), tokens,
                 np.full(self.num_tasks, -1, np.int32), -1, np.zeros(2, np.int32))
 
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """The batches from (epoch, position) on, epoch after epoch, dealt to the DataLoader workers:
+    batch g of the stream to worker g mod workers, the order the DataLoader collects them in.
+    One stream serves all epochs, so workers start once and keep decoding across epoch ends."""
+
+    def __init__(self, maker: BatchMaker, epoch: int, position: int):
+        self.maker, self.epoch, self.position = maker, epoch, position
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        maker, epoch, position, number = self.maker, self.epoch, self.position, 0
+        while True:
+            order = None
+            for batch in range(position, maker.batches_per_epoch):
+                if number % workers == worker_id:
+                    order = maker.epoch_order(epoch) if order is None else order
+                    yield maker.make_batch(epoch, batch, order)
+                number += 1
+            epoch, position = epoch + 1, 0
+
+
+class PilLoader(BatchLoader):
+    backend = "pil"
+
+    def __init__(self, dataset, split, **arguments):
+        super().__init__(dataset, split, **arguments)
+        table = SampleTable(dataset.shard_paths(split), dataset.index_paths(split))
+        if len(table) != self.num_samples:
+            raise ValueError(f"{dataset.root}: dataset.json says split {split!r} has "
+                             f"{self.num_samples} samples, its .idx files list {len(table)}")
+        self.maker = BatchMaker(self, table)
+        self._stream = None  # the DataLoader iterator over a BatchStream
+        self._stream_next = None  # the (epoch, batch) it yields next
+
     def _raw_batches(self, epoch, position):
         start = (epoch, position) if position < len(self) else (epoch + 1, 0)
         if self._stream is None or self._stream_next != start:
+            # its own generator: making the stream must not draw from torch's global RNG
             self._stream = iter(torch.utils.data.DataLoader(
-                BatchStream(self, *start), batch_size=None, num_workers=self.config.workers,
-                pin_memory=self.device.type == "cuda"))
+                BatchStream(self.maker, *start), batch_size=None, num_workers=self.config.workers,
+                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0)))
             self._stream_next = start
         for batch in range(position, len(self)):
             raw = next(self._stream)

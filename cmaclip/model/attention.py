@@ -10,9 +10,11 @@ shape [B, 1, 1, S], broadcast over heads and queries, never expanded to [B, H, S
 attn_mask rules out the Flash kernel, so SequenceAttention passes attn_mask=None whenever nothing
 is masked: the model trims text to the longest text in the batch first, so a batch of equal-length
 texts with both modalities present runs on Flash. With real padding, torch picks the
-memory-efficient (or cuDNN) kernel, which takes the mask in bf16/fp16/fp32 at about Flash speed for
-these short sequences (S = L + 50 for B/32, L + 197 for B/16). Packing the valid tokens for
-`torch.nn.attention.varlen` would give Flash with padding too; it is CUDA-only and not done here.
+memory-efficient (or cuDNN) kernel, which takes the mask in bf16/fp16/fp32, is also fused (no
+[S, S] matrix in memory), and for these short sequences (S <= 77 + 197 for B/16) the attention core
+is a minority of a layer's time next to its projections and MLP (bench/attention.py prints both),
+so not having Flash costs little. Packing the valid tokens for `torch.nn.attention.varlen` would
+give Flash with padding too; it is CUDA-only, untestable on our CPU machines, and not done here.
 
 Fully-masked rows: a query row whose keys are all masked gives NaN in softmax. Only a sample with
 no key at all could produce one (padding queries still see the sample's real keys), so such a
