@@ -7,7 +7,8 @@ budget and seed, evaluate each, and write output_dir/ablation.md (+ ablation.jso
 Each variant trains in its own process (the training entry point, `-m cmaclip.train`, started with
 `--launcher`, default: one plain process) under output_dir/<variant>/, with the same YAML and
 overrides plus `model.fusion=<variant>`. Only the fusion differs: same steps, batch size, learning
-rates, seed, data order. Then each exported model is evaluated on `--split`, clean and under the
+rates, seed, data order. The resolved recipe is written once to output_dir/ablation-config.yaml
+and every variant trains from it. Then each exported model is evaluated on `--split`, clean and under the
 robustness perturbations (title removed, image removed, 30% of title words dropped), and the
 tables are written. A variant whose metrics are already in its folder is not retrained, so an
 interrupted ablation continues where it stopped (delete the folder to redo one).
@@ -40,6 +41,7 @@ VARIANT_NAMES = {
     "cma": "CMA-CLIP",
 }
 METRICS_FILE = "metrics-{perturb}.json"
+FROZEN_CONFIG = "ablation-config.yaml"
 
 
 # ---- tables ----------------------------------------------------------------------------------------
@@ -47,9 +49,8 @@ METRICS_FILE = "metrics-{perturb}.json"
 def _cell(value, best: bool = False, spread=None) -> str:
     if value is None:
         return "-"
-    text = f"{100 * value:.1f}"
-    text = f"**{text}**" if best else text
-    return text if spread is None else f"{text} ± {100 * spread:.1f}"
+    text = f"{100 * value:.1f}" + ("" if spread is None else f" ± {100 * spread:.1f}")
+    return f"**{text}**" if best else text
 
 
 def average_runs(runs: list[dict]) -> dict:
@@ -192,6 +193,21 @@ def load_variant_metrics(run_dir: Path, perturbs) -> dict | None:
     return {perturb: json.loads(path.read_text()) for perturb, path in zip(perturbs, paths)}
 
 
+def freeze_config(config, path: Path) -> Path:
+    """Write the resolved recipe once; every variant trains from this file, so an edit of the YAML
+    while the ablation runs cannot give variants different budgets. An output_dir that already
+    holds an ablation of another recipe is refused (its finished variants would be reused)."""
+    from cmaclip.config import ConfigError, to_yaml
+
+    text = to_yaml(config)
+    if path.is_file() and path.read_text() != text:
+        raise ConfigError(f"{path.parent} holds an ablation with another recipe ({path}); "
+                          "use another output_dir, or delete that folder to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def train_and_evaluate(run_dir: Path, variant: str, label: str, *, launcher, config_path, overrides, shards,
                        split, perturbs, eval_batch_size, loader, log) -> dict:
     """One variant with one seed (its metrics reused when already there). -> perturbation -> metrics."""
@@ -222,6 +238,7 @@ def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARI
     overrides = [*overrides, f"data.shards={shards}"]
     base = load_config(config_path, overrides)  # fail on a bad key before training anything
     output_dir = Path(base.output_dir)
+    frozen = freeze_config(base, output_dir / FROZEN_CONFIG)
     launcher = list(launcher) or [sys.executable]
     perturbs = list(PERTURBATIONS) if robustness else ["none"]
     several = seeds is not None and len(seeds) > 1
@@ -233,7 +250,7 @@ def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARI
             label = f"[{number}/{len(variants)}] {variant}" + (f" seed {seed}" if several else "")
             runs.append(train_and_evaluate(
                 output_dir / variant / f"seed{seed}" if several else output_dir / variant, variant, label,
-                launcher=launcher, config_path=config_path, overrides=[*overrides, f"train.seed={seed}"],
+                launcher=launcher, config_path=str(frozen), overrides=[f"train.seed={seed}"],
                 shards=shards, split=split, perturbs=perturbs, eval_batch_size=eval_batch_size,
                 loader=base.data.loader, log=log))
         results[variant] = {perturb: average_runs([run[perturb] for run in runs]) if several else runs[0][perturb]

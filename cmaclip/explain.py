@@ -16,6 +16,7 @@ boxed and its attention mass named.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import re
 import sys
@@ -205,7 +206,7 @@ def explain_file(model, input_path, out_dir, *, image_root=None, text_column: st
     PNGs and explanations.json (id, png, token, mass, patch map). -> its rows."""
     from cmaclip.data.tokenizer import load_tokenizer
     from cmaclip.evaluate import write_json_atomic
-    from cmaclip.predict import Problem, batched, read_products
+    from cmaclip.predict import batched, read_products, reported
 
     if model.sequence_attention is None:
         raise ValueError(f"model.fusion={model.config.fusion!r} has no sequence-wise attention to draw; "
@@ -214,21 +215,16 @@ def explain_file(model, input_path, out_dir, *, image_root=None, text_column: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def drawable():
-        count = 0
-        for item in read_products(input_path, image_root, text_column):
-            if count == limit:
-                return
-            if isinstance(item, Problem):
-                report(str(item))
-            elif item.image is None:
-                report(f"line {item.line} (id {item.id}): no usable image to draw the attention on; skipped")
+    def with_image(products):
+        for product in products:
+            if product.image is None:
+                report(f"line {product.line} (id {product.id}): no usable image to draw the attention on; skipped")
             else:
-                count += 1
-                yield item
+                yield product
 
+    drawable = itertools.islice(with_image(reported(read_products(input_path, image_root, text_column), report)), limit)
     rows, taken = [], set()
-    for products in batched(drawable(), batch_size):
+    for products in batched(drawable, batch_size):
         for product, found in zip(products, explain_products(model, products, tokenizer, device)):
             name = file_name(product.id, taken)
             picture = draw_explanation(product.image, found["pieces"], found["marked"], found["map"], found["mass"])

@@ -165,6 +165,18 @@ def prediction_lines(model, products: list[Product], output, top_k: int) -> list
     return lines
 
 
+def reported(items: Iterator[Product | Problem], report, counts: dict | None = None) -> Iterator[Product]:
+    """The products of `items`; each Problem goes to `report` (and is counted as skipped or
+    incomplete in `counts`)."""
+    for item in items:
+        if isinstance(item, Problem):
+            report(item)
+            if counts is not None:
+                counts["skipped" if item.skipped else "incomplete"] += 1
+        else:
+            yield item
+
+
 @torch.no_grad()
 def predict_file(model, input_path, out_path, *, image_root=None, text_column: str = "text", batch_size: int = 32,
                  top_k: int = 3, device="cpu", report=lambda problem: print(problem, file=sys.stderr)) -> dict:
@@ -178,15 +190,8 @@ def predict_file(model, input_path, out_path, *, image_root=None, text_column: s
     handle, temporary = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
     try:
         with os.fdopen(handle, "w") as out:
-            def products_only():
-                for item in read_products(input_path, image_root, text_column):
-                    if isinstance(item, Problem):
-                        report(item)
-                        counts["skipped" if item.skipped else "incomplete"] += 1
-                        continue
-                    yield item
-
-            for products in batched(products_only(), batch_size):
+            products = reported(read_products(input_path, image_root, text_column), report, counts)
+            for products in batched(products, batch_size):
                 output = model(**encode_products(products, tokenizer, model.config.image_size, device))
                 for line in prediction_lines(model, products, output, top_k):
                     out.write(json.dumps(line, ensure_ascii=False) + "\n")

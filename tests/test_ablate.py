@@ -59,7 +59,7 @@ def test_seeds_are_averaged_with_their_spread():
     assert averaged["std"]["tasks"]["kind"]["accuracy"] == pytest.approx(0.0)
     assert averaged["mean"]["accuracy"] == pytest.approx(0.75)
     row = ablate.table6({"cma": averaged}).splitlines()[2]
-    assert row.startswith("| CMA-CLIP (`cma`) | **90.0** ± 14.1 | **60.0** ± 0.0 |")
+    assert row.startswith("| CMA-CLIP (`cma`) | **90.0 ± 14.1** | **60.0 ± 0.0** |")
     assert ablate.average_runs(runs[:1])["std"] is None
 
 
@@ -106,3 +106,15 @@ def test_launcher_found_next_to_python_when_not_on_path(monkeypatch):
     expected_program = str(beside) if beside.is_file() else "accelerate"
     assert command == [expected_program, "launch", "--config_file", "x.yaml", "-m", "cmaclip.train",
                        "--config", "c.yaml", "a.b=1"]
+
+
+def test_recipe_is_frozen_once_per_output_dir(tmp_path):
+    from cmaclip.config import ConfigError, load_config
+
+    path = tmp_path / "ablation-config.yaml"
+    first = load_config("configs/cpu-demo.yaml", ["train.max_steps=7"])
+    ablate.freeze_config(first, path)
+    assert load_config(path).train.max_steps == 7  # the file the variants train from
+    ablate.freeze_config(first, path)  # the same recipe again: fine (an interrupted run continues)
+    with pytest.raises(ConfigError, match="holds an ablation with another recipe"):
+        ablate.freeze_config(load_config("configs/cpu-demo.yaml", ["train.max_steps=8"]), path)

@@ -1,8 +1,10 @@
-"""Multi-process training on the CPU: DDP over gloo, DeepSpeed ZeRO-2 and ZeRO-3, bitwise resume,
-two simulated nodes through the Slurm launch script, SIGUSR1 preemption, the exported model.
+"""Training in subprocesses on the CPU: DDP over gloo, DeepSpeed ZeRO-2 and ZeRO-3 (same losses as
+DDP, consolidated export), gradient accumulation, bitwise resume, and the Slurm job on two
+simulated nodes with SIGUSR1 preemption, requeue and auto-resume.
 
 Every run trains the tiny preset on the session's fashion shards (90 training products) for a few
-steps, through the same `accelerate launch ... -m cmaclip.train` command line users run.
+steps, through the command lines users run (`accelerate launch ... -m cmaclip.train`,
+`python -m cmaclip.train`, `launchers/slurm/train.sbatch`).
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cmaclip.data.format import load_dataset_info
+
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_DIR = REPO / "launchers" / "accelerate"
-LAUNCH_SCRIPT = REPO / "launchers" / "slurm" / "launch.sh"
+SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
+RECIPE = "configs/cpu-demo.yaml"
 STEPS = 8
 
 pytestmark = pytest.mark.slow
@@ -37,17 +42,16 @@ def environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
 
 
-def run_args(shards: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/cpu-demo.yaml", f"data.shards={shards}", f"output_dir={output_dir}",
-            f"train.max_steps={STEPS}", "train.batch_size=8", "train.save_every=4", "train.keep_last=5",
-            "train.eval_every=0", "logging.log_every=1", "logging.progress_bar=false", "data.workers=1",
-            "data.eval_split=none", "optim.warmup_steps=2", *extra]
+def overrides(shards: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"train.max_steps={STEPS}", "train.batch_size=8", "train.save_every=4",
+            "train.keep_last=5", "train.eval_every=0", "logging.log_every=1", "logging.progress_bar=false",
+            "data.workers=1", "data.eval_split=none", "optim.warmup_steps=2", *extra]
 
 
 def launch(accelerate_config: str, shards: Path, output_dir: Path, *extra: str, launch_flags=()) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ACCELERATE_DIR / accelerate_config), "--main_process_port", str(free_port()), *launch_flags,
-               "-m", "cmaclip.train", *run_args(shards, output_dir, *extra)]
+               "-m", "cmaclip.train", "--config", RECIPE, *overrides(shards, *extra), f"output_dir={output_dir}"]
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
@@ -75,19 +79,47 @@ def assert_learns(curve: dict[int, float]) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(fashion_shards, tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("ddp") / "run"
-    stdout = launch("cpu.yaml", fashion_shards, output_dir)
+    stdout = launch("cpu.yaml", fashion_shards, output_dir, "train.eval_every=4", "data.eval_split=val")
     assert "training on 2 process(es)" in stdout
+    validation = load_dataset_info(fashion_shards).num_samples("val")
+    assert f"step 4: eval ({validation} samples): mean accuracy" in stdout and "step 8: eval" in stdout
     return output_dir
 
 
-def test_ddp_on_two_processes_lowers_the_loss(ddp_run):
+def test_ddp_on_two_processes_lowers_the_loss(ddp_run, fashion_shards):
     assert_learns(losses(ddp_run))
-    assert set(losses(ddp_run, "train/samples_per_second")) == set(range(1, STEPS + 1))
+    tasks = load_dataset_info(fashion_shards).task_names
+    for tag in ["train/lr", "train/lr_backbone", "train/samples_per_second", "train/data_wait_fraction",
+                *(f"train/loss_{task}" for task in tasks)]:
+        assert set(losses(ddp_run, tag)) == set(range(1, STEPS + 1)), tag
+    for tag in [*(f"eval/{task}/accuracy" for task in tasks), *(f"modality_weight/{task}/image" for task in tasks)]:
+        assert set(losses(ddp_run, tag)) == {4, 8}, tag
     assert {p.name for p in (ddp_run / "checkpoints").iterdir()} == {"step-000000004", "step-000000008"}
     assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.pt").is_file()
 
 
+def test_gradient_accumulation_matches_the_large_batch(fashion_shards, tmp_path):
+    """One process (`python -m cmaclip.train`, no launcher), no dropout: 2 micro-batches of 4 per
+    step train like batches of 8 (the PIL loader's order and crops do not depend on the batch)."""
+    curves, weights = [], []
+    for name, batch, accumulation in (("large", 8, 1), ("accumulated", 4, 2)):
+        output_dir = tmp_path / name
+        command = [sys.executable, "-m", "cmaclip.train", "--config", RECIPE,
+                   *overrides(fashion_shards, "train.max_steps=4", f"train.batch_size={batch}",
+                              f"train.grad_accum_steps={accumulation}", "model.dropout=0", "data.loader=pil",
+                              "data.workers=0"), f"output_dir={output_dir}"]
+        done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-5000:]
+        curves.append(losses(output_dir))
+        weights.append(load_file(output_dir / "model" / "model.safetensors"))
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-5)
+
+
 def test_resumed_run_matches_the_uninterrupted_one_bitwise(ddp_run, fashion_shards, tmp_path):
+    """Resumed from the step-4 checkpoint (and without the original's evaluations, which must not
+    touch the training's random stream), steps 5-8 repeat the original's losses and weights."""
     resumed = tmp_path / "resumed"
     stdout = launch("cpu.yaml", fashion_shards, resumed,
                     f"train.resume={ddp_run / 'checkpoints' / 'step-000000004'}")
@@ -141,44 +173,75 @@ def test_deepspeed_export_loads_in_a_fresh_process_without_deepspeed(zero_run, t
     assert "masterCategory" in done.stdout
 
 
-def start_node(rank: int, port: int, shards: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**environment(), "NUM_NODES": "2", "PROCS_PER_NODE": "1", "NODE_RANK": str(rank),
-           "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": str(port),
-           "ACCELERATE_CONFIG": str(ACCELERATE_DIR / "cpu.yaml"),
-           "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
-    return subprocess.Popen(["bash", str(LAUNCH_SCRIPT), *run_args(shards, output_dir, *extra)], cwd=REPO, env=env,
+SRUN_STUB = """#!/usr/bin/env bash
+# srun for one machine: runs the command once per "node" with SLURM_NODEID set, like srun
+# --ntasks-per-node 1 on N nodes, and records each task's pid (to signal one node).
+while [[ "$1" == --* ]]; do case "$1" in --nodes|--ntasks-per-node) shift 2;; *) shift;; esac; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+  SLURM_NODEID=$node "$@" &
+  pids+=($!)
+  echo $! >> "$SRUN_PIDS"
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+SCONTROL_STUB = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1; echo 127.0.0.2 ;;
+  requeue*) echo "$2" >> "$REQUEUED" ;;
+esac
+"""
+
+
+def submit(tmp_path: Path, shards: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
+    """launchers/slurm/train.sbatch as Slurm would run it on 2 nodes x 1 process, with srun and
+    scontrol stubbed for one machine."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    (tmp_path / "pids").unlink(missing_ok=True)
+    env = {**environment(), "PATH": f"{stubs}:{os.environ['PATH']}", "SRUN_PIDS": str(tmp_path / "pids"),
+           "REQUEUED": str(tmp_path / "requeued"), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cmaclip",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "1",
+           "MAIN_PORT": str(free_port()), "OUTPUT_DIR": str(output_dir), "PYTHON_ENV": sys.prefix}
+    env.pop("ACCELERATE_CONFIG", None)  # the script's default: multinode-zero3.yaml
+    return subprocess.Popen(["bash", str(SBATCH), RECIPE, *overrides(shards, *extra)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_simulated_nodes_stop_on_sigusr1_and_resume(fashion_shards, tmp_path):
-    """The Slurm launch line on two "nodes" (machine ranks 0 and 1 on 127.0.0.1). SIGUSR1 reaches
-    node 1's launch script only (as a signal may reach one node first): both ranks stop at the
-    same step, save a checkpoint, mark the run PREEMPTED and exit 0; a relaunch resumes it."""
+def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fashion_shards, tmp_path):
+    """train.sbatch -> srun (one task per node) -> launch.sh -> accelerate launch with the script's
+    default multinode-zero3.yaml, two "nodes" on one machine. SIGUSR1 reaches node 1's task only (as a signal may reach one node first): both
+    ranks stop at the same step, save, mark the run PREEMPTED, and the job requeues itself; the
+    requeued job resumes from that checkpoint (train.resume=auto) and finishes."""
     output_dir = tmp_path / "run"
-    long_run = ("train.max_steps=1000", "train.save_every=0")
-    port = free_port()
-    nodes = [start_node(rank, port, fashion_shards, output_dir, *long_run) for rank in (0, 1)]
+    job = submit(tmp_path, fashion_shards, output_dir, "train.max_steps=1000", "train.save_every=0")
     deadline = time.time() + 240
     while not losses(output_dir):
-        assert time.time() < deadline and all(node.poll() is None for node in nodes), "training never started"
+        assert time.time() < deadline and job.poll() is None, job.stdout.read() if job.poll() is not None else "slow"
         time.sleep(1)
-    nodes[1].send_signal(signal.SIGUSR1)
-    outputs = [node.communicate(timeout=180)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    node_tasks = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    os.kill(node_tasks[1], signal.SIGUSR1)
+    output = job.communicate(timeout=180)[0]
+    assert job.returncode == 0, output
     stopped_at = int((output_dir / "PREEMPTED").read_text())
-    assert "stopped on SIGUSR1" in outputs[0]
+    assert "stopped on SIGUSR1" in output and "requeueing" in output
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert 1 <= stopped_at < 1000
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == [f"step-{stopped_at:09d}"]
     assert not (output_dir / "model").exists()
 
-    # the requeued job: the same command with train.resume=auto runs on to the end
-    finish = (f"train.max_steps={stopped_at + 2}", "train.save_every=0", "train.resume=auto")
-    port = free_port()
-    nodes = [start_node(rank, port, fashion_shards, output_dir, *finish) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert f"at step {stopped_at}" in outputs[0]
-    assert "training on 2 process(es)" in outputs[0]
+    # the requeued job: the same script, run again, continues to the end and does not requeue
+    job = submit(tmp_path, fashion_shards, output_dir, f"train.max_steps={stopped_at + 2}", "train.save_every=0")
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, output
+    assert f"at step {stopped_at}" in output and "training on 2 process(es) (DistributedType.DEEPSPEED)" in output
     assert max(losses(output_dir)) == stopped_at + 2
     assert not (output_dir / "PREEMPTED").exists()
+    assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert (output_dir / "model" / "model.safetensors").is_file()

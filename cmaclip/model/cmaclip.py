@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,24 +33,40 @@ SAVE_FORMAT_VERSION = 1
 TEXT, IMAGE = 0, 1  # modality order everywhere: the sequence, modality_mask, modality_weights
 
 
-@dataclass
-class CMAClipOutput:
-    logits: dict[str, torch.Tensor]
-    """task -> [B, classes of the task]."""
-    modality_weights: torch.Tensor
-    """[B, K, 2] (text, image) per sample and task; 0 for a missing modality. Variants without
-    modality attention report the weights they use: the mean (cma-no-modality, concat) or the
-    single modality (image, text)."""
-    loss: torch.Tensor | None = None
-    """Weighted sum over tasks of the masked cross entropy; None without labels."""
-    task_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    """task -> unweighted loss of the task (detached, for logging); 0 when no sample has a label."""
-    attentions: list[torch.Tensor] | None = None
-    """return_attentions only (cma, cma-no-modality): per sequence-attention layer, [B, H, S, S]
-    over the sequence [text positions 0..text_length-1; image [CLS]; patches]."""
-    text_length: int = 0
-    """Text positions in the sequence: the batch's longest attended text (padding beyond it is
-    trimmed before the encoders, which changes nothing since it is masked)."""
+class CMAClipOutput(dict):
+    """What CMAClip.forward returns, read as attributes (`output.loss`) or keys (`output["loss"]`).
+
+    A dict, not a dataclass, because DeepSpeed ZeRO-3 finds the tensors of a module's output (to
+    re-gather the partitioned parameters for backward) only inside dicts, lists and tuples.
+
+    logits            task -> [B, classes of the task]
+    modality_weights  [B, K, 2] (text, image) per sample and task; 0 for a missing modality.
+                      Variants without modality attention report the weights they use: the
+                      mean (cma-no-modality, concat) or the single modality (image, text).
+    loss              weighted sum over tasks of the masked cross entropy; None without labels
+    task_losses       task -> unweighted loss of the task (detached, for logging); 0 when no
+                      sample has a label
+    attentions        return_attentions only (cma, cma-no-modality): per sequence-attention
+                      layer, [B, H, S, S] over [text positions 0..text_length-1; image [CLS];
+                      patches]
+    text_length       text positions in the sequence: the batch's longest attended text
+                      (padding beyond it is trimmed before the encoders: it is masked anyway)
+    """
+
+    def __init__(self, logits: dict[str, torch.Tensor], modality_weights: torch.Tensor,
+                 loss: torch.Tensor | None = None, task_losses: dict[str, torch.Tensor] | None = None,
+                 attentions: list[torch.Tensor] | None = None, text_length: int = 0):
+        super().__init__(logits=logits, modality_weights=modality_weights, loss=loss,
+                         task_losses=task_losses or {}, attentions=attentions, text_length=text_length)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
 
 
 class CMAClip(nn.Module):
