@@ -15,7 +15,6 @@ boxed and its attention mass named.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from cmaclip.predict import batched, encode_products, product_input_parser, read_products, reported, resolve_device
 
 DISPLAY_WIDTH = 448
 MARGIN = 8
@@ -190,8 +191,6 @@ def file_name(product_id: str, taken: set[str]) -> str:
 def explain_products(model, products: list, tokenizer, device) -> list[dict]:
     """One forward with explicit attention weights for a batch of products (all with an image);
     -> per product: the marked piece, its attention mass, the pieces, the patch map."""
-    from cmaclip.predict import encode_products
-
     inputs = encode_products(products, tokenizer, model.config.image_size, device)
     output = model(**inputs, return_attentions=True)
     best, mass, maps = relevant_tokens(output.attentions[-1], inputs["attention_mask"][:, :output.text_length])
@@ -206,8 +205,6 @@ def explain_file(model, input_path, out_dir, *, image_root=None, text_column: st
     PNGs and explanations.json (id, png, token, mass, patch map). -> its rows."""
     from cmaclip.data.tokenizer import load_tokenizer
     from cmaclip.evaluate import write_json_atomic
-    from cmaclip.predict import batched, read_products, reported
-
     if model.sequence_attention is None:
         raise ValueError(f"model.fusion={model.config.fusion!r} has no sequence-wise attention to draw; "
                          "explain a cma or cma-no-modality model")
@@ -240,15 +237,8 @@ def explain_file(model, input_path, out_dir, *, image_root=None, text_column: st
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="cmaclip explain", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder")
-    parser.add_argument("--input", required=True, help="products: .jsonl or .csv (the `cmaclip shards` format)")
-    parser.add_argument("--image-root", default=None, help="folder relative image paths start from (default: "
-                                                            "the input file's folder)")
-    parser.add_argument("--text-column", default="text", help="the title field/column")
-    parser.add_argument("--out", required=True, help="folder for the PNGs and explanations.json")
+    parser = product_input_parser("explain", __doc__.split("\n")[0], "folder for the PNGs and explanations.json")
     parser.add_argument("--limit", type=int, default=16, help="draw at most this many products")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
     args = parser.parse_args(argv)
     if args.limit < 1:
         parser.error("--limit must be >= 1")
@@ -259,8 +249,6 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cmaclip.data.catalog import CatalogError
     from cmaclip.evaluate import load_model
-    from cmaclip.predict import resolve_device
-
     device = resolve_device(args.device)
     try:
         model = load_model(args.checkpoint, device)

@@ -203,17 +203,23 @@ def predict_file(model, input_path, out_path, *, image_root=None, text_column: s
     return counts
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="cmaclip predict", description=__doc__.split("\n")[0])
+def product_input_parser(command: str, description: str, out_help: str) -> argparse.ArgumentParser:
+    """The arguments of the commands that read a model and a product file (predict, explain)."""
+    parser = argparse.ArgumentParser(prog=f"cmaclip {command}", description=description)
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder")
     parser.add_argument("--input", required=True, help="products: .jsonl or .csv (the `cmaclip shards` format)")
     parser.add_argument("--image-root", default=None, help="folder relative image paths start from (default: "
                                                             "the input file's folder)")
     parser.add_argument("--text-column", default="text", help="the title field/column")
-    parser.add_argument("--out", required=True, help="predictions, JSONL")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
+    return parser
+
+
+def parse_args(argv):
+    parser = product_input_parser("predict", __doc__.split("\n")[0], "predictions, JSONL")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per task")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be >= 1")

@@ -80,6 +80,12 @@ class FusionLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
                                  nn.Linear(mlp_ratio * width, width))
         self.dropout = nn.Dropout(dropout)
+        # Both residual branches start at zero, so the untrained layer is the identity: T'[EOT]
+        # and I'[CLS] begin as the CLIP embeddings (a pretrained backbone keeps what it knows)
+        # and cross-modality attention is added only as far as training finds it useful.
+        for branch_output in (self.attention.out, self.mlp[-1]):
+            nn.init.zeros_(branch_output.weight)
+            nn.init.zeros_(branch_output.bias)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, reference: bool = False):
         attended, weights = self.attention(self.attention_norm(x), key_mask, reference)
