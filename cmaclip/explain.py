@@ -249,6 +249,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cmaclip.data.catalog import CatalogError
     from cmaclip.evaluate import load_model
+
     device = resolve_device(args.device)
     try:
         model = load_model(args.checkpoint, device)
