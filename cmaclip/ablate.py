@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmaclip.evaluate import PERTURBATIONS, write_json_atomic
+from cmaclip.evaluate import PERTURBATIONS
+from cmaclip.files import write_json_atomic
 
 VARIANTS = ("image", "text", "concat", "cma-no-modality", "cma")
 VARIANT_NAMES = {

@@ -74,7 +74,8 @@ def train(shards: Path, run: Path, processes: int, overrides: list[str]) -> None
 def evaluate(shards: Path, run: Path, out: Path) -> None:
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import evaluate_model, format_table, load_model, write_json_atomic
+    from cmaclip.evaluate import evaluate_model, format_table, load_model
+    from cmaclip.files import write_json_atomic
 
     model = load_model(run)
     loader = build_loader(shards, "val", config=DataConfig(loader="pil", workers=1), batch_size=64,

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +29,8 @@ import torch.distributed as dist
 
 from cmaclip import metrics as M
 from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
+from cmaclip.data.loader import build_loader, model_inputs
+from cmaclip.files import write_json_atomic
 
 PERTURBATIONS = ("none", "no-text", "no-image", "drop-words")
 DROP_WORDS_FRACTION = 0.3
@@ -141,10 +140,6 @@ def perturb_batch(batch: dict, perturb: str, seed: int = 0, word_end: np.ndarray
 
 
 # ---- running the model -----------------------------------------------------------------------------
-
-def model_inputs(batch: dict) -> dict:
-    return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask", "modality_mask")}
-
 
 def all_gather(value) -> list:
     """Every rank's `value` (any picklable object), on every rank; [value] in a single process."""
@@ -354,17 +349,6 @@ def format_table(metrics: dict, modality_weights: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, content: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        json.dump(content, out, indent=2)
-        out.write("\n")
-    os.replace(temporary, path)
-
-
 # ---- loading a checkpoint --------------------------------------------------------------------------
 
 def resolve_model_dir(checkpoint: str | Path) -> Path:
@@ -422,7 +406,6 @@ def main(argv=None) -> None:
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
-    from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
 
     quiet_libraries()

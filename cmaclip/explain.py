@@ -204,7 +204,7 @@ def explain_file(model, input_path, out_dir, *, image_root=None, text_column: st
     """Draw the first `limit` products of `input_path` that have an image into `out_dir`; writes
     PNGs and explanations.json (id, png, token, mass, patch map). -> its rows."""
     from cmaclip.data.tokenizer import load_tokenizer
-    from cmaclip.evaluate import write_json_atomic
+    from cmaclip.files import write_json_atomic
     if model.sequence_attention is None:
         raise ValueError(f"model.fusion={model.config.fusion!r} has no sequence-wise attention to draw; "
                          "explain a cma or cma-no-modality model")

@@ -21,6 +21,7 @@ from torch import nn
 
 from cmaclip import checkpoint
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
+from cmaclip.data.loader import build_loader, model_inputs
 from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
                                  shutdown, uses_deepspeed)
 
@@ -87,10 +88,6 @@ def endless(loader):
         yield from loader
 
 
-def model_inputs(batch: dict) -> dict:
-    return {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask", "modality_mask", "labels")}
-
-
 class StepStats:
     """Sums since the last log, per rank; `reduce` averages them over steps and ranks."""
 
@@ -138,7 +135,7 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
             batch = next(batches)
         data_wait += time.perf_counter() - waited
         with accelerator.accumulate(model):
-            output = model(**model_inputs(batch))
+            output = model(**model_inputs(batch, with_labels=True))
             accelerator.backward(output.loss)
             # DeepSpeed clips inside its step (gradient_clipping in the ds_config)
             if accelerator.sync_gradients and config.optim.grad_clip > 0 and not uses_deepspeed(accelerator):
@@ -204,7 +201,6 @@ class Monitor:
 def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
     """The train loader and (if the split exists and is not empty) the eval loader, both sharded
     by rank here: they are never passed to accelerator.prepare, which would shard them again."""
-    from cmaclip.data.loader import build_loader
 
     common = dict(config=config.data, batch_size=config.train.batch_size, image_size=image_size,
                   rank=accelerator.process_index, world_size=accelerator.num_processes,

@@ -28,6 +28,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Components a loader reads from each sample (format.py documents them).
 READ_COMPONENTS = ("jpg", "tok", "lbl", "idx", "mod")
+# The batch keys CMAClip.forward takes; `labels` only when a loss is wanted, `index` never (it is
+# the loader's bookkeeping for counting samples once).
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "modality_mask")
+
+
+def model_inputs(batch: dict, with_labels: bool = False) -> dict:
+    keys = MODEL_INPUTS + (("labels",) if with_labels else ())
+    return {key: batch[key] for key in keys}
 
 
 def batches_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
 import re
@@ -46,6 +45,7 @@ from cmaclip.data.catalog import (BadRow, CatalogError, CatalogRow, placeholder_
                                   skip_record)
 from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SPLITS, TEXT, EOT_TOKEN_ID,
                                  encode_int32, load_dataset_info, sample_key, shard_name)
+from cmaclip.files import write_durably, write_json_atomic
 
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes
@@ -206,13 +206,6 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
 def write_shard(staging: Path, final_tar: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write one tar + its DALI index (the `wds2idx` format: per sample, `ext offset size name` per
     component, offsets of the data) in `staging`, then rename both into place, index first."""
@@ -274,12 +267,6 @@ def write_split_shards(split: str, samples: list[Sample], out_dir: Path, staging
         for spool in spools.values():
             spool.close()
     return names
-
-
-def write_json_atomically(path: Path, content: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write_durably(partial, (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.replace(partial, path)
 
 
 # ---- the whole run ----------------------------------------------------------------------------
@@ -471,7 +458,7 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
             splits[split] = {"samples": len(split_samples), "shards": names}
         bar.close()
         dataset = describe(input_path, tasks, config, classes, dropped, splits, by_split, skipped)
-        write_json_atomically(out_dir / DATASET_FILE, dataset)
+        write_json_atomic(out_dir / DATASET_FILE, dataset)
     return dataset
 
 
