@@ -124,7 +124,7 @@ class StepStats:
 def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig):
     """One optimizer step over `grad_accum_steps` micro-batches.
     -> (mean loss, mean task losses, seconds waiting for data), all of this rank."""
-    loss_sum, task_sums, data_wait = 0.0, None, 0.0
+    sums, data_wait = 0.0, 0.0  # sums: [loss, *task losses] in float64 on the device
     accumulation = config.train.grad_accum_steps
     for _ in range(accumulation):
         waited = time.perf_counter()
@@ -142,11 +142,11 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
                 accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += output.loss.item()
-        values = [value.item() for value in output.task_losses.values()]
-        task_sums = values if task_sums is None else [a + b for a, b in zip(task_sums, values)]
+        # summed on the device and read once per step: one host sync, not one per task and micro-batch
+        sums = sums + torch.stack([output.loss.detach(), *output.task_losses.values()]).double()
     scheduler.step()
-    return loss_sum / accumulation, [value / accumulation for value in task_sums], data_wait
+    loss, *task_losses = (sums / accumulation).tolist()
+    return loss, task_losses, data_wait
 
 
 # ---- the run -------------------------------------------------------------------------------------------
