@@ -1,7 +1,11 @@
 """The DALI input pipeline: webdataset reader -> JPEG decode (nvJPEG on a GPU) -> crop -> normalize.
 
 On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and every output lands on
-that GPU; otherwise DALI runs its CPU operators with `device_id=None`. The reader splits the
+that GPU; otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
+training crops leave DALI as decoded, uint8 and of any size, and `finish_crops` resizes, flips and
+normalizes them with torch, because DALI's CPU resampling costs about four times torch's uint8
+kernel (bench/data.py; 65% of DALI's CPU time per image before). The crop windows and flips are
+still drawn by DALI, so they stay in its checkpoint. The reader splits the
 split into `num_shards` parts and pads them (`pad_last_batch`), which is the batching rule
 loader.py describes; its shuffle buffer draws anew every epoch. The pipeline is checkpointed
 (`enable_checkpointing`), so its reader position and RNG states go into `state_dict()`.
@@ -9,22 +13,24 @@ loader.py describes; its shuffle buffer draws anew every epoch. The pipeline is 
 from __future__ import annotations
 
 import base64
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
-from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader
+from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, normalize
 
 READER_NAME = "Reader"
-OUTPUTS = ("pixel_values", "input_ids", "labels", "index", "modality_mask")
+OUTPUTS = ("input_ids", "labels", "index", "modality_mask")  # after the images (and flips)
 
 
 @pipeline_def(enable_checkpointing=True)
 def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_buffer, image_size,
-                  crop_min_scale, hflip, on_gpu):
+                  crop_min_scale, hflip, on_gpu, crops_out):
     jpg, tok, lbl, idx, mod = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=list(READ_COMPONENTS),
         dtypes=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32],
@@ -38,8 +44,10 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
         images = fn.decoders.image_random_crop(
             jpg, device=decode_device, output_type=types.RGB,
             random_area=[crop_min_scale, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+        mirror = fn.random.coin_flip(probability=0.5 if hflip else 0.0)
+        if crops_out:
+            return images, mirror, tok, lbl, idx, mod  # finish_crops does the rest
         images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_LINEAR)
-        mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
         images = fn.crop_mirror_normalize(images, mirror=mirror, **normalize)
     else:
         # Same sizes and rounding as pil.eval_crop, so predict's preprocess_image matches eval.
@@ -51,6 +59,58 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
     if on_gpu:
         tok, lbl, idx, mod = tok.gpu(), lbl.gpu(), idx.gpu(), mod.gpu()
     return images, tok, lbl, idx, mod
+
+
+def finish_crops(crops, mirror, images: torch.Tensor) -> torch.Tensor:
+    """DALI's uint8 HWC crops (any sizes) and flip flags -> `images` float32 [B, 3, S, S]: what
+    fn.resize(INTERP_LINEAR, antialiased) + crop_mirror_normalize make on a GPU."""
+    flips = np.asarray(mirror.as_tensor()).reshape(-1).astype(bool)
+    size = images.shape[-2:]
+    with one_torch_thread():
+        for row, crop in enumerate(crops):
+            # an HWC array seen as a channels-last [1, 3, H, W] tensor: torch's vectorized uint8 path
+            image = torch.from_numpy(np.asarray(crop)).permute(2, 0, 1)[None]
+            image = F.interpolate(image, size=size, mode="bilinear", antialias=True)[0]
+            normalize(image.flip(-1) if flips[row] else image, out=images[row])
+    return images
+
+
+@contextmanager
+def one_torch_thread():
+    """Ops on one image are too small to share out: on more threads they mostly make the idle
+    OpenMP workers spin (the loader took 1.6x the CPU time with torch's 2 threads here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class BatchBuffers:
+    """Float batches handed out again once nobody holds them. A fresh [64, 3, 224, 224] batch
+    (38 MB) costs 17 ms of page faults, as much as resizing its 64 images: glibc maps every
+    allocation over 32 MB anew. A buffer is reused only when no tensor or view of it is left:
+    torch.from_numpy keeps its array alive, so a held buffer's array has one more reference."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.arrays = keep, []
+        self.unheld = None  # the reference count of a buffer nobody holds, as _references sees it
+
+    def _references(self, slot: int) -> int:
+        # always read through this one function: how many references the interpreter itself
+        # holds here varies between Python versions, so it is measured, never assumed
+        return sys.getrefcount(self.arrays[slot])
+
+    def take(self, shape: tuple) -> torch.Tensor:
+        for slot in range(len(self.arrays)):  # no loop variable: it would be one more reference
+            if self.arrays[slot].shape == shape and self._references(slot) == self.unheld:
+                return torch.from_numpy(self.arrays[slot])
+        if len(self.arrays) == self.keep:
+            return torch.from_numpy(np.empty(shape, np.float32))
+        self.arrays.append(np.empty(shape, np.float32))
+        self.unheld = self._references(len(self.arrays) - 1)  # no tensor of it exists yet
+        return torch.from_numpy(self.arrays[-1])
 
 
 def pipeline_seed(seed: int, rank: int) -> int:
@@ -65,6 +125,8 @@ class DaliLoader(BatchLoader):
         super().__init__(dataset, split, **arguments)
         if self.device.type == "cuda" and self.device.index is None:  # DALI needs the GPU's number
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.crops_on_host = self.train and self.device.type != "cuda"  # see the module docstring
+        self._buffers = BatchBuffers()
         self.pipeline = None
         self._restore_from = None  # a checkpoint to build the next pipeline from
 
@@ -75,6 +137,7 @@ class DaliLoader(BatchLoader):
             shard_id=self.rank, num_shards=self.world_size, train=self.train,
             shuffle_buffer=self.config.shuffle_buffer, image_size=self.image_size,
             crop_min_scale=self.config.crop_min_scale, hflip=self.config.hflip, on_gpu=on_gpu,
+            crops_out=self.crops_on_host,
             batch_size=self.batch_size, num_threads=max(1, self.config.workers),
             device_id=self.device.index if on_gpu else None,
             seed=pipeline_seed(self.seed, self.rank), checkpoint=self._restore_from)
@@ -91,9 +154,14 @@ class DaliLoader(BatchLoader):
         for _ in range(len(self) - position):
             outputs = self.pipeline.run()
             with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+                if self.crops_on_host:
+                    images = finish_crops(*outputs[:2], self._buffers.take(
+                        (self.batch_size, 3, self.image_size, self.image_size)))
+                else:
+                    images = to_torch_tensor(outputs[0].as_tensor(), copy=copy)
                 batch = {name: to_torch_tensor(output.as_tensor(), copy=copy)
-                         for name, output in zip(OUTPUTS, outputs)}
-            yield batch
+                         for name, output in zip(OUTPUTS, outputs[-len(OUTPUTS):])}
+            yield {"pixel_values": images, **batch}
 
     def _backend_state(self):
         checkpoint = self.pipeline.checkpoint() if self.pipeline is not None else self._restore_from

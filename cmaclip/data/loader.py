@@ -25,6 +25,9 @@ from .format import EOT_TOKEN_ID, DatasetInfo, load_dataset_info
 # CLIP's image normalization (the statistics its encoders were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# (x / 255 - mean) / std as x * _SCALE + _SHIFT
+_SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(3, 1, 1)
+_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 # Components a loader reads from each sample (format.py documents them).
 READ_COMPONENTS = ("jpg", "tok", "lbl", "idx", "mod")
@@ -36,6 +39,12 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "modality_mask")
 def model_inputs(batch: dict, with_labels: bool = False) -> dict:
     keys = MODEL_INPUTS + (("labels",) if with_labels else ())
     return {key: batch[key] for key in keys}
+
+
+def normalize(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One uint8 image [3, S, S] (any strides) -> float32 [3, S, S] with CLIP's mean/std, in one
+    pass; called per image, so the image is still in cache (a whole batch at a time is 3x slower)."""
+    return torch.addcmul(_SHIFT, image, _SCALE, out=out)
 
 
 def batches_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

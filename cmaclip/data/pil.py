@@ -24,15 +24,11 @@ import torch
 from PIL import Image, ImageOps
 
 from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
-from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, rank_share
+from .loader import READ_COMPONENTS, BatchLoader, normalize, rank_share
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 64  # per process
-
-# (x / 255 - mean) / std as x * _SCALE + _SHIFT, two in-place passes over the batch
-_SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(1, 3, 1, 1)
-_SHIFT = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(1, 3, 1, 1)
 
 
 # --- image transforms -------------------------------------------------------------------------
@@ -47,7 +43,7 @@ def eval_crop(image: Image.Image, image_size: int) -> np.ndarray:
     image = image.resize((width, height), Image.BICUBIC)
     # the centre window's corner rounded half up, as DALI's crop_pos_x/y=0.5 places it
     left, top = (width - image_size + 1) // 2, (height - image_size + 1) // 2
-    return np.asarray(image.crop((left, top, left + image_size, top + image_size)))
+    return np.array(image.crop((left, top, left + image_size, top + image_size)))  # writable, for torch
 
 
 def train_crop(image: Image.Image, image_size: int, min_scale: float, hflip: bool,
@@ -65,23 +61,16 @@ def train_crop(image: Image.Image, image_size: int, min_scale: float, hflip: boo
             top = int(rng.integers(0, height - crop_height + 1))
             box = (left, top, left + crop_width, top + crop_height)
             break
-    pixels = np.asarray(image.resize((image_size, image_size), Image.BILINEAR, box=box))
+    image = image.resize((image_size, image_size), Image.BILINEAR, box=box)
     if hflip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return pixels
-
-
-def normalize(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S] with CLIP's mean/std."""
-    images = torch.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=torch.float32)
-    images.copy_(torch.from_numpy(pixels).permute(0, 3, 1, 2))
-    return images.mul_(_SCALE).add_(_SHIFT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(image)  # writable, for torch
 
 
 def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
     """The evaluation transform for one photo: float32 [3, S, S] (predict/explain use it). The
     photo is first turned upright by its EXIF orientation, as the shard writer does."""
-    return normalize(np.stack([eval_crop(ImageOps.exif_transpose(image), image_size)]))[0]
+    return normalize(torch.from_numpy(eval_crop(ImageOps.exif_transpose(image), image_size)).permute(2, 0, 1))
 
 
 # --- reading samples --------------------------------------------------------------------------
@@ -187,16 +176,17 @@ class BatchMaker:
         return np.concatenate([share, np.full(padded - len(share), share[-1])])
 
     def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> dict:
-        pixels = np.empty((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
+        images = torch.empty((self.batch_size, 3, self.image_size, self.image_size))
         tokens = np.empty((self.batch_size, self.context_length), np.int32)
         labels = np.empty((self.batch_size, self.num_tasks), np.int32)
         index = np.empty(self.batch_size, np.int64)
         modalities = np.empty((self.batch_size, 2), np.int32)
         for row in range(self.batch_size):
             position = batch * self.batch_size + row
-            pixels[row], tokens[row], labels[row], index[row], modalities[row] = \
+            pixels, tokens[row], labels[row], index[row], modalities[row] = \
                 self._read_row(epoch, position, int(order[position]))
-        return {"pixel_values": normalize(pixels), "input_ids": torch.from_numpy(tokens),
+            normalize(torch.from_numpy(pixels).permute(2, 0, 1), out=images[row])
+        return {"pixel_values": images, "input_ids": torch.from_numpy(tokens),
                 "labels": torch.from_numpy(labels), "index": torch.from_numpy(index),
                 "modality_mask": torch.from_numpy(modalities)}
 
