@@ -8,6 +8,10 @@ fp32 on CPU, bf16 on CUDA when present. Two measurements per shape:
 The headline (last line) is the core at the B/16 shape: the block adds the same projection and MLP
 work to both sides, so its ratio shows how much of a layer the attention is, not the kernel.
 Runs are interleaved (fused, naive, fused, ...) and the median is reported.
+A roofline line follows: the fused core does 7 [S, S] x d matrix products per head (2 forward,
+5 backward, which recomputes the attention instead of storing it), so at this machine's measured
+matrix-multiply peak it could not take less than 7 products' time; that bounds the speedup
+any fused kernel can reach here, and shows how close torch's is.
 
     .venv/bin/python bench/attention.py
 """
@@ -82,6 +86,13 @@ def measure(fused, naive, repeats: int) -> tuple[float, float]:
     return statistics.median(times["fused"]), statistics.median(times["naive"])
 
 
+def matmul_peak() -> float:
+    """FLOP/s of a large square matrix product: the machine's practical ceiling."""
+    a, b = (torch.randn(2048, 2048, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    seconds = statistics.median(timed(lambda: a @ b) for _ in range(7))
+    return 2 * 2048**3 / seconds
+
+
 def main() -> None:
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"sequence attention, fused SDPA vs naive, forward+backward: batch {BATCH}, width {WIDTH}, "
@@ -98,7 +109,12 @@ def main() -> None:
             print(f"{name:<6} {f'{TEXT}+{image_tokens}':<10} {part:<6} {fused_s * 1e3:9.1f} {naive_s * 1e3:9.1f} "
                   f"{speedup:7.2f}x")
             if name == "B/16" and part == "core":
-                headline = speedup
+                headline, fused_b16, naive_b16 = speedup, fused_s, naive_s
+    products = 7 * 2 * BATCH * (TEXT + SHAPES["B/16"]) ** 2 * WIDTH  # FLOP of the fused core, all heads
+    peak = matmul_peak()
+    print(f"roofline (B/16 core): matmul peak {peak / 1e9:.0f} GFLOP/s; fused runs at "
+          f"{products / fused_b16 / 1e9:.0f} GFLOP/s ({products / fused_b16 / peak:.0%} of peak); a fused "
+          f"kernel at 100% of peak would be {naive_b16 / (products / peak):.2f}x the naive one")
     print(f"attention speedup fused/naive: {headline:.2f}")
 
 

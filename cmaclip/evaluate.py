@@ -177,8 +177,10 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
     if progress:
         from tqdm import tqdm
 
+        # in a terminal the bar goes away when done; in a log file (no terminal to erase it) it ends
+        # its line, or what is printed next would continue that line
         batches = tqdm(batches, total=len(loader), desc=f"eval{'' if perturb == 'none' else ' ' + perturb}",
-                       leave=False, dynamic_ncols=True)
+                       leave=not sys.stderr.isatty(), dynamic_ncols=True)
     first_batch = None
     for batch in batches:
         first_batch = batch if first_batch is None else first_batch
