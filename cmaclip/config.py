@@ -139,7 +139,8 @@ class LoggingConfig:
     """Write TensorBoard event files under output_dir/tensorboard (rank 0 only)."""
 
     progress_bar: bool = True
-    """Show a tqdm progress bar (steps, loss, samples/s, ETA) on rank 0."""
+    """Show progress on rank 0: a tqdm bar (steps, loss, samples/s, ETA) in a terminal; written to
+    a file (Slurm's output, `> train.log`), one line every log_every steps instead."""
 
     def validate(self) -> None:
         if self.log_every < 1:

@@ -152,27 +152,35 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
 # ---- the run -------------------------------------------------------------------------------------------
 
 class Monitor:
-    """Rank 0's outputs: TensorBoard scalars, the progress bar, one line per evaluation."""
+    """Rank 0's outputs: TensorBoard scalars, progress (a bar in a terminal, a line per logging
+    step in a log file, where a bar's redraws pile up on one line), one line per evaluation."""
 
     def __init__(self, config: RunConfig, accelerator, start_step: int):
         self.enabled = accelerator.is_main_process
         self.writer = self.bar = None
+        self.max_steps = config.train.max_steps
+        self.step_lines = self.enabled and config.logging.progress_bar and not sys.stderr.isatty()
         if self.enabled and config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides what a preempted run logged after its last checkpoint
             self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
                                         purge_step=start_step + 1 if start_step else None)
-        if self.enabled and config.logging.progress_bar:
+        if self.enabled and config.logging.progress_bar and not self.step_lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             unit="step")
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def log_step(self, values: dict[str, float], step: int) -> None:
+        """A logging step's values (means over its window and all ranks)."""
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
+        if self.step_lines:
+            print(f"step {step}/{self.max_steps}: loss {values['loss']:.4f}, "
+                  f"{values['samples_per_second']:.1f} samples/s, lr {values['lr']:.2e}, "
+                  f"waiting for data {values['data_wait_fraction']:.0%}", flush=True)
 
     def progress(self, loss: float, samples_per_second: float | None) -> None:
         """samples_per_second: the latest measurement (None until the first log step)."""
@@ -286,7 +294,7 @@ def run(config: RunConfig, accelerator) -> int:
             learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
             values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
                           samples_per_second=samples_per_second)
-            monitor.scalars(values, step)
+            monitor.log_step(values, step)
             stats.reset()
         monitor.progress(loss, samples_per_second)
         last_step = step == config.train.max_steps

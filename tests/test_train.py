@@ -1,5 +1,5 @@
 """Single-process pieces of training: the optimizer groups, the schedule, checkpoint bookkeeping
-(atomic save, keep-last-K, resume=auto), the world-size check, the stop request."""
+(atomic save, keep-last-K, resume=auto), the world-size check, the stop request, progress output."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from cmaclip import checkpoint
-from cmaclip.config import ConfigError, OptimConfig
+from cmaclip.config import ConfigError, OptimConfig, RunConfig
 from cmaclip.distributed import StopRequest, check_world_size
 from cmaclip.model import CMAClip, ModelConfig
-from cmaclip.train import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from cmaclip.train import Monitor, build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 TASKS = {"colour": ["red", "blue", "green"], "kind": ["shirt", "shoe"]}
 
@@ -157,3 +157,17 @@ def test_sigusr1_requests_a_stop():
         assert stop.agreed(accelerator)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log-file"])
+def test_progress_is_a_bar_in_a_terminal_and_lines_in_a_log_file(terminal, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: terminal)
+    config = RunConfig()
+    config.logging.tensorboard = False
+    config.train.max_steps = 20
+    monitor = Monitor(config, SimpleNamespace(is_main_process=True), start_step=0)
+    monitor.log_step({"loss": 1.23456, "samples_per_second": 99.0, "lr": 1e-3, "data_wait_fraction": 0.05}, 10)
+    monitor.close()
+    line = "step 10/20: loss 1.2346, 99.0 samples/s, lr 1.00e-03, waiting for data 5%"
+    assert (monitor.bar is not None) == terminal
+    assert (line in capsys.readouterr().out) != terminal
