@@ -159,14 +159,15 @@ class Monitor:
         self.enabled = accelerator.is_main_process
         self.writer = self.bar = None
         self.max_steps = config.train.max_steps
-        self.step_lines = self.enabled and config.logging.progress_bar and not sys.stderr.isatty()
+        show_progress = self.enabled and config.logging.progress_bar
+        self.step_lines = show_progress and not sys.stderr.isatty()
         if self.enabled and config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides what a preempted run logged after its last checkpoint
             self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
                                         purge_step=start_step + 1 if start_step else None)
-        if self.enabled and config.logging.progress_bar and not self.step_lines:
+        if show_progress and not self.step_lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
