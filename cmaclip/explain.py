@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from cmaclip.predict import batched, encode_products, product_input_parser, read_products, reported, resolve_device
+from cmaclip.predict import batched, encode_products, product_input_parser, read_products, reported, run_with_model
 
 DISPLAY_WIDTH = 448
 MARGIN = 8
@@ -247,15 +247,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from cmaclip.data.catalog import CatalogError
-    from cmaclip.evaluate import load_model
-
-    device = resolve_device(args.device)
-    try:
-        model = load_model(args.checkpoint, device)
-        rows = explain_file(model, args.input, args.out, image_root=args.image_root, text_column=args.text_column,
-                            limit=args.limit, device=device)
-    except (FileNotFoundError, CatalogError, ValueError) as error:
-        print(f"cmaclip explain: {error}", file=sys.stderr)
-        sys.exit(2)
+    rows = run_with_model("explain", args, lambda model, device: explain_file(
+        model, args.input, args.out, image_root=args.image_root, text_column=args.text_column,
+        limit=args.limit, device=device))
     print(f"drew {len(rows)} pictures into {args.out} (index: {Path(args.out) / 'explanations.json'})")

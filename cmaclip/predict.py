@@ -232,19 +232,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run_with_model(command: str, args, work):
+    """predict's and explain's frame: load the checkpoint on the chosen device, return
+    work(model, device); a bad input file, checkpoint or request is one line on stderr, exit 2."""
     from cmaclip.data.catalog import CatalogError
     from cmaclip.evaluate import load_model
 
     device = resolve_device(args.device)
     try:
-        model = load_model(args.checkpoint, device)
-        counts = predict_file(model, args.input, args.out, image_root=args.image_root, text_column=args.text_column,
-                              batch_size=args.batch_size, top_k=args.top_k, device=device)
-    except (FileNotFoundError, CatalogError) as error:
-        print(f"cmaclip predict: {error}", file=sys.stderr)
+        return work(load_model(args.checkpoint, device), device)
+    except (FileNotFoundError, CatalogError, ValueError) as error:
+        print(f"cmaclip {command}: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    counts = run_with_model("predict", args, lambda model, device: predict_file(
+        model, args.input, args.out, image_root=args.image_root, text_column=args.text_column,
+        batch_size=args.batch_size, top_k=args.top_k, device=device))
     notes = [f"{counts['incomplete']} with a problem field (listed above)"] if counts["incomplete"] else []
     notes += [f"{counts['skipped']} rows skipped (listed above)"] if counts["skipped"] else []
     print(f"predicted {counts['predicted']} products -> {args.out}" + (f"; {', '.join(notes)}" if notes else ""))
