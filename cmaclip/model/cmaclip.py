@@ -53,11 +53,11 @@ class CMAClipOutput(dict):
                       (padding beyond it is trimmed before the encoders: it is masked anyway)
     """
 
-    def __init__(self, logits: dict[str, torch.Tensor], modality_weights: torch.Tensor,
-                 loss: torch.Tensor | None = None, task_losses: dict[str, torch.Tensor] | None = None,
-                 attentions: list[torch.Tensor] | None = None, text_length: int = 0):
-        super().__init__(logits=logits, modality_weights=modality_weights, loss=loss,
-                         task_losses=task_losses or {}, attentions=attentions, text_length=text_length)
+    def __init__(self, fields=(), /, **more):
+        """The fields above as keywords, or as one mapping: Accelerate's mixed-precision wrapper
+        (convert_outputs_to_fp32) rebuilds a dict output as `type(output)({...})`."""
+        super().__init__(loss=None, task_losses={}, attentions=None, text_length=0)
+        self.update(fields, **more)
 
     def __getattr__(self, name: str):
         try:
