@@ -21,9 +21,9 @@ from torch import nn
 
 from cmaclip import checkpoint
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
-from cmaclip.data.loader import build_loader, model_inputs
-from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
-                                 shutdown, uses_deepspeed)
+from cmaclip.data.loader import backend_reason, build_loader, model_inputs
+from cmaclip.distributed import (StopRequest, adamw_implementation, fill_deepspeed_config, make_accelerator,
+                                 quiet_libraries, shutdown, uses_deepspeed)
 
 # Written into output_dir by a run that stopped on SIGUSR1 before max_steps (Slurm requeues on it).
 PREEMPTED_MARKER = "PREEMPTED"
@@ -54,8 +54,10 @@ def parameter_groups(model, optim: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model, optim: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=optim.eps)
+def build_optimizer(model, optim: OptimConfig, **implementation) -> torch.optim.AdamW:
+    """implementation: AdamW's fused / foreach flags (distributed.adamw_implementation)."""
+    return torch.optim.AdamW(parameter_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             **implementation)
 
 
 def lr_factor(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -135,7 +137,7 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
             batch = next(batches)
         data_wait += time.perf_counter() - waited
         with accelerator.accumulate(model):
-            output = model(**model_inputs(batch, with_labels=True))
+            output = model(**model_inputs(batch, with_labels=True, with_host_facts=True))
             accelerator.backward(output.loss)
             # DeepSpeed clips inside its step (gradient_clipping in the ds_config)
             if accelerator.sync_gradients and config.optim.grad_clip > 0 and not uses_deepspeed(accelerator):
@@ -246,9 +248,10 @@ def run(config: RunConfig, accelerator) -> int:
     resume_from = checkpoint.resolve_resume(config.train.resume, output_dir)
     set_seed(config.train.seed)  # the same initial weights on every rank
     dataset = load_dataset_info(config.data.shards)
-    model = CMAClip(config.model, dataset.tasks)
+    with accelerator.main_process_first():  # fills the hub cache once (model.pretrained), then the rest read it
+        model = CMAClip(config.model, dataset.tasks)
     train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, **adamw_implementation(accelerator))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     if uses_deepspeed(accelerator):
         clip = model.backbone.clip_config
@@ -267,7 +270,8 @@ def run(config: RunConfig, accelerator) -> int:
     if resume_from is not None:
         monitor.line(f"resumed from {resume_from} at step {step}")
     monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
-                 f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
+                 f"precision {accelerator.mixed_precision}, {len(train_loader)} batches per epoch per rank")
+    monitor.line(f"loader: {train_loader.backend} ({backend_reason(config.data.loader)})")
 
     def evaluate() -> None:
         # evaluation never shifts the training's random stream: a run with and without periodic
@@ -307,7 +311,8 @@ def run(config: RunConfig, accelerator) -> int:
             saved_step, saved = step, checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader,
                                                                  config.train.keep_last)
             stats.reset()
-        if not last_step and stop.agreed(accelerator):
+        # agreeing is an all-reduce and a host sync: at logging steps only (Slurm warns 120 s early)
+        if not last_step and step % config.logging.log_every == 0 and stop.agreed(accelerator):
             if saved_step != step:
                 checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
             if accelerator.is_main_process:

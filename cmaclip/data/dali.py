@@ -57,7 +57,7 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
         images = fn.crop_mirror_normalize(images, crop=[image_size, image_size],
                                           crop_pos_x=0.5, crop_pos_y=0.5, **normalize)
     if on_gpu:
-        tok, lbl, idx, mod = tok.gpu(), lbl.gpu(), idx.gpu(), mod.gpu()
+        lbl = lbl.gpu()  # tok, idx and mod stay on the host: the loader counts on them there
     return images, tok, lbl, idx, mod
 
 
