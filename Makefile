@@ -6,8 +6,10 @@
 # either runs (its CPU operators need no driver). Override with `make DALI=nvidia-dali-cuda120==2.4.0`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
-DRIVER_MAJOR := $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 | cut -d. -f1)
-DALI ?= nvidia-dali-$(if $(DRIVER_MAJOR),$(shell [ $(DRIVER_MAJOR) -ge 580 ] && echo cuda130 || echo cuda120),cuda130)==2.4.0
+DRIVER_MAJOR := $(shell nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null \
+                  | head -n 1 | cut -d. -f1)
+DALI_CUDA := $(if $(DRIVER_MAJOR),$(shell [ $(DRIVER_MAJOR) -ge 580 ] && echo cuda130 || echo cuda120),cuda130)
+DALI ?= nvidia-dali-$(DALI_CUDA)==2.4.0
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed

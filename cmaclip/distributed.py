@@ -176,10 +176,11 @@ def shutdown(accelerator: Accelerator, wait: bool = True) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 -> stop cleanly at the next step boundary, on all ranks at the same step.
+    """SIGUSR1 -> stop cleanly at the next check, on all ranks at the same step.
 
     The signal may reach only some ranks (one node of several) or reach them during different
-    steps, so each step boundary agrees on it with one tiny all-reduce (MAX) before anyone acts.
+    steps, so each check (train.py: every logging.log_every steps) agrees on it with one tiny
+    all-reduce (MAX) before anyone acts.
     """
 
     def __init__(self, signals=(signal.SIGUSR1,)):

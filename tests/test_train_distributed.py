@@ -283,9 +283,10 @@ def submit(tmp_path: Path, shards: Path, output_dir: Path, *extra: str) -> subpr
 
 def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fashion_shards, tmp_path):
     """train.sbatch -> srun (one task per node, given the job's CPUs per task) -> launch.sh ->
-    accelerate launch with the script's default multinode-zero2.yaml, two "nodes" on one machine. SIGUSR1 reaches node 1's task only (as a signal may reach one node first): both
-    ranks stop at the same step, save, mark the run PREEMPTED, and the job requeues itself; the
-    requeued job resumes from that checkpoint (train.resume=auto) and finishes."""
+    accelerate launch with the script's default multinode-zero2.yaml, two "nodes" on one machine.
+    SIGUSR1 reaches node 1's task only (as a signal may reach one node first): both ranks stop at
+    the same step, save, mark the run PREEMPTED, and the job requeues itself; the requeued job
+    resumes from that checkpoint (train.resume=auto) and finishes."""
     output_dir = tmp_path / "run"
     job = submit(tmp_path, fashion_shards, output_dir, "train.max_steps=1000", "train.save_every=0")
     deadline = time.time() + 240
