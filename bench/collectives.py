@@ -11,7 +11,8 @@ DeepSpeed's buffers), on rank 0.
 
     .venv/bin/python bench/collectives.py [--preset vit-b-16] [--steps 3]
 
-Last line: the collective calls per ZeRO-3 step, old bucket rule / BUCKET_ELEMENTS.
+Last line: the collective calls per ZeRO-2 step (the Slurm and gpu-zero2 default), old bucket
+rule / BUCKET_ELEMENTS.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def measure(preset: str, stage: int, buckets: int, hidden: int, steps: int, call
         per_step.append(calls - before)
     counted = sum(per_step[1:], collections.Counter())
     return {"numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+            "communication": str(engine.communication_data_type).removeprefix("torch."),
             "per_step": {name: value / (steps - 1) for name, value in counted.items()}}
 
 
@@ -143,7 +145,8 @@ def main() -> None:
 
     any_result = next(iter(results.values()))
     print(f"preset {args.preset}: {any_result['numel'] / 1e6:.1f}M parameters, world size {WORLD}, bf16, "
-          f"fp32 communication; collective calls per step (rank 0, mean of steps 2-{args.steps})")
+          f"{any_result['communication']} communication; collective calls per step (rank 0, mean of steps "
+          f"2-{args.steps})")
     totals = {}
     for (stage, rule), result in sorted(results.items()):
         calls = result["per_step"]
@@ -153,7 +156,7 @@ def main() -> None:
     for stage in (2, 3):
         print(f"zero{stage} calls per step, hidden² / BUCKET_ELEMENTS: "
               f"{totals[(stage, 'hidden²')] / totals[(stage, 'BUCKET_ELEMENTS')]:.1f}")
-    print(f"collectives: {totals[(3, 'hidden²')] / totals[(3, 'BUCKET_ELEMENTS')]:.1f}")
+    print(f"collectives: {totals[(2, 'hidden²')] / totals[(2, 'BUCKET_ELEMENTS')]:.1f}")
 
 
 if __name__ == "__main__":
