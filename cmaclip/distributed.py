@@ -57,8 +57,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 
 
 def launch_device() -> str:
-    """"cpu" when the launcher asked for it (an accelerate config with `use_cpu: true`, `--cpu`:
-    ACCELERATE_USE_CPU) or no GPU is visible (none, or CUDA_VISIBLE_DEVICES=), else "cuda"."""
+    """The device the launch asked for: cpu when the launcher says so (an accelerate config with
+    `use_cpu: true`, or `--cpu`: ACCELERATE_USE_CPU) or no GPU is visible (none, or
+    CUDA_VISIBLE_DEVICES=), else cuda."""
     if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
