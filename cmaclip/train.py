@@ -24,6 +24,8 @@ from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_c
 from cmaclip.data.loader import build_loader, model_inputs
 from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
                                  shutdown, uses_deepspeed)
+from cmaclip.errors import command
+from cmaclip.guard import NonFiniteGuard
 
 # Written into output_dir by a run that stopped on SIGUSR1 before max_steps (Slurm requeues on it).
 PREEMPTED_MARKER = "PREEMPTED"
@@ -121,8 +123,8 @@ class StepStats:
                 "data_wait_fraction": values[k + 1] / max(values[k + 2], 1e-12)}
 
 
-def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig):
-    """One optimizer step over `grad_accum_steps` micro-batches.
+def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig, guard: NonFiniteGuard):
+    """One optimizer step over `grad_accum_steps` micro-batches (skipped by `guard` if non-finite).
     -> (mean loss, mean task losses, seconds waiting for data), all of this rank."""
     sums, data_wait = 0.0, 0.0  # sums: [loss, *task losses] in float64 on the device
     accumulation = config.train.grad_accum_steps
@@ -136,16 +138,14 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
         data_wait += time.perf_counter() - waited
         with accelerator.accumulate(model):
             output = model(**model_inputs(batch, with_labels=True))
+            # DeepSpeed steps in here (clipping per gradient_clipping in the ds_config)
             accelerator.backward(output.loss)
-            # DeepSpeed clips inside its step (gradient_clipping in the ds_config)
-            if accelerator.sync_gradients and config.optim.grad_clip > 0 and not uses_deepspeed(accelerator):
-                accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         # summed on the device and read once per step: one host sync, not one per task and micro-batch
         sums = sums + torch.stack([output.loss.detach(), *output.task_losses.values()]).double()
-    scheduler.step()
-    loss, *task_losses = (sums / accumulation).tolist()
+    applied, (loss, *task_losses) = guard.step(model, optimizer, accelerator, config.optim.grad_clip,
+                                               sums / accumulation, deepspeed=uses_deepspeed(accelerator))
+    if applied:
+        scheduler.step()
     return loss, task_losses, data_wait
 
 
@@ -279,6 +279,7 @@ def run(config: RunConfig, accelerator) -> int:
 
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps)
     stats = StepStats(list(dataset.tasks))
     batches = endless(train_loader)
     saved_step, saved = (step, resume_from) if resume_from is not None else (None, None)
@@ -286,7 +287,7 @@ def run(config: RunConfig, accelerator) -> int:
     model.train()
     while step < config.train.max_steps:
         started = time.perf_counter()
-        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config)
+        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config, guard)
         step += 1
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
@@ -294,7 +295,7 @@ def run(config: RunConfig, accelerator) -> int:
             samples_per_second = samples_per_step * stats.steps / (time.perf_counter() - stats.started)
             learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
             values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
-                          samples_per_second=samples_per_second)
+                          samples_per_second=samples_per_second, nonfinite_steps=guard.skipped)
             monitor.log_step(values, step)
             stats.reset()
         monitor.progress(loss, samples_per_second)
@@ -344,6 +345,7 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)
 
 
+@command("cmaclip train")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.keys:

@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from cmaclip.data.format import SPLITS
+from cmaclip.errors import CmaclipError
 
 JPEG_QUALITY = 92
 # Frame types every JPEG decoder we target handles (nvJPEG included): baseline and progressive
@@ -38,7 +39,7 @@ EXIF_ORIENTATION = 0x0112
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # .json: JSON Lines too (one object per line)
 
 
-class CatalogError(ValueError):
+class CatalogError(CmaclipError, ValueError):
     """The catalogue as a whole cannot be used (the message says why)."""
 
 

@@ -45,6 +45,7 @@ from cmaclip.data.catalog import (BadRow, CatalogError, CatalogRow, placeholder_
                                   skip_record)
 from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SPLITS, TEXT, EOT_TOKEN_ID,
                                  encode_int32, load_dataset_info, sample_key, shard_name)
+from cmaclip.errors import CmaclipError, command
 from cmaclip.files import write_durably, write_json_atomic
 
 TAR_BLOCK = 512
@@ -53,7 +54,7 @@ STAGING_PREFIX = ".cmaclip-staging-"
 OWN_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.idx)?$")
 
 
-class ShardsError(ValueError):
+class ShardsError(CmaclipError, ValueError):
     """A structural problem: nothing was written (the message says why)."""
 
 
@@ -524,6 +525,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+@command("cmaclip shards")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
