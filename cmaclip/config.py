@@ -29,6 +29,8 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 class ConfigError(CmaclipError, ValueError):
     """A config key or value that cannot be used; the message names the key and its source."""
 
+    exit_code = 2  # like a usage error
+
 
 @dataclass
 class OptimConfig:

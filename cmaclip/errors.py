@@ -29,6 +29,8 @@ OTHER_RANK_GRACE_S = 8.0
 class CmaclipError(Exception):
     """A failure the user can act on (input, config, data, environment): reported as one line."""
 
+    exit_code = EXIT_ERROR
+
 
 class DataError(CmaclipError, ValueError):
     """A shards folder, shard, index or sample that cannot be used; the message names the file."""
@@ -88,7 +90,7 @@ def report(prog: str, error: BaseException) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(OTHER_RANK_GRACE_S)
     print(prefix + describe(error), file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else EXIT_ERROR
+    return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", EXIT_ERROR)
 
 
 def command(prog: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmaclip import checkpoint
+from cmaclip import checkpoint, runlock
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
 from cmaclip.data.loader import build_loader, model_inputs
 from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
@@ -228,7 +228,8 @@ def train(config: RunConfig) -> int:
     accelerator = make_accelerator(config)
     finished = False
     try:
-        step = run(config, accelerator)
+        with runlock.held(config.output_dir, accelerator.is_main_process):
+            step = run(config, accelerator)
         finished = True
         return step
     finally:

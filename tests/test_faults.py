@@ -54,3 +54,32 @@ def test_a_diverging_run_skips_non_finite_steps_then_stops_with_one_line(fashion
     for folder in saved:
         weights = load_file(folder / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()), folder
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(fashion_shards, tmp_path, capsys):
+    """Before the lock, two trainings into one folder both exited 0, one replacing the other's files."""
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "the first run"
+    try:
+        (output_dir / "LOCK").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": other.pid}))
+        assert run_train(fashion_shards, output_dir) == 1
+        line = one_error_line(capsys)
+        assert f"is in use by another run (pid {other.pid}" in line and "LOCK" in line
+        assert not (output_dir / "checkpoints").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # that process is gone now: its lock is stale, taken over, and released at the end
+    assert run_train(fashion_shards, output_dir, "train.max_steps=1") == 0
+    assert "removed a stale lock" in capsys.readouterr().out
+    assert not (output_dir / "LOCK").exists() and (output_dir / "model").is_dir()
+
+
+def test_output_dir_that_is_a_file_is_one_line(fashion_shards, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run_train(fashion_shards, tmp_path / "file") == 2
+    assert one_error_line(capsys) == f"cmaclip train: output_dir: {tmp_path / 'file'} is a file, not a folder"
