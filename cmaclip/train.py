@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmaclip import checkpoint, runlock
-from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
+from cmaclip import checkpoint, resume, runlock
+from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
 from cmaclip.data.loader import build_loader, model_inputs
 from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
                                  shutdown, uses_deepspeed)
@@ -257,14 +257,15 @@ def run(config: RunConfig, accelerator) -> int:
                               hidden_size=max(clip.text_config.hidden_size, clip.vision_config.hidden_size))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step = 0
+    step, notes = 0, []
     if resume_from is not None:
-        step = checkpoint.load_checkpoint(accelerator, resume_from, train_loader)
+        resume_from, step = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(config))
+        resume.record_config(output_dir, config)
         (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     monitor = Monitor(config, accelerator, step)
+    for note in notes:
+        monitor.line(note)
     if resume_from is not None:
         monitor.line(f"resumed from {resume_from} at step {step}")
     monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
@@ -277,6 +278,10 @@ def run(config: RunConfig, accelerator) -> int:
             result = evaluate_model(model, eval_loader, accelerator)
         log_evaluation(monitor.writer, result, step)
         monitor.line(f"step {step}: {result.summary()}")
+
+    def save(at_step: int) -> Path:
+        return checkpoint.save_checkpoint(accelerator, output_dir, at_step, train_loader, config.train.keep_last,
+                                          extra_state={"config": to_dict(config)})
 
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()
@@ -306,12 +311,11 @@ def run(config: RunConfig, accelerator) -> int:
             evaluate()
             stats.reset()
         if config.train.save_every and step % config.train.save_every == 0 and not last_step:
-            saved_step, saved = step, checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader,
-                                                                 config.train.keep_last)
+            saved_step, saved = step, save(step)
             stats.reset()
         if not last_step and stop.agreed(accelerator):
             if saved_step != step:
-                checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+                save(step)
             if accelerator.is_main_process:
                 (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
             monitor.line(f"stopped on SIGUSR1 at step {step}; checkpoint saved, resume with train.resume=auto")
@@ -321,7 +325,7 @@ def run(config: RunConfig, accelerator) -> int:
     if eval_loader is not None:
         evaluate()
     if saved_step != step:
-        saved = checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+        saved = save(step)
     if config.train.export:
         exported = checkpoint.export_model(accelerator, model, saved, output_dir)
         monitor.line(f"exported the model to {exported}")

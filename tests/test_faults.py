@@ -83,3 +83,71 @@ def test_output_dir_that_is_a_file_is_one_line(fashion_shards, tmp_path, capsys)
     (tmp_path / "file").write_text("x")
     assert run_train(fashion_shards, tmp_path / "file") == 2
     assert one_error_line(capsys) == f"cmaclip train: output_dir: {tmp_path / 'file'} is a file, not a folder"
+
+
+@pytest.fixture(scope="module")
+def finished_run(fashion_shards, tmp_path_factory) -> Path:
+    """4 steps, checkpoints at steps 2 and 4 (recipe: model.fusion_heads=4, optim.lr=1e-3)."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    assert run_train(fashion_shards, output_dir) == 0
+    return output_dir
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_resume_refuses_a_changed_architecture_key_in_one_line(finished_run, fashion_shards, tmp_path, capsys):
+    """Before: model.fusion_heads 4 -> 8 resumed with the weights reinterpreted."""
+    output_dir = copy_of(finished_run, tmp_path)
+    capsys.readouterr()
+    assert run_train(fashion_shards, output_dir, "train.max_steps=6", "model.fusion_heads=8") == 2
+    line = one_error_line(capsys)
+    assert "model.fusion_heads (saved 4, now 8) must stay as saved" in line and "step-000000004" in line
+    assert checkpoint.latest_checkpoint(output_dir).name == "step-000000004"
+
+
+def test_resume_logs_allowed_changes_and_keeps_the_first_config(finished_run, fashion_shards, tmp_path, capsys):
+    """Before: output_dir/config.yaml was overwritten by every start."""
+    output_dir = copy_of(finished_run, tmp_path)
+    first = (output_dir / "config.yaml").read_text()
+    capsys.readouterr()
+    assert run_train(fashion_shards, output_dir, "train.max_steps=6", "optim.lr=5e-4") == 0
+    out = capsys.readouterr().out
+    assert "config changed since step-000000004: optim.lr: 0.001 -> 0.0005" in out
+    assert (output_dir / "config.yaml").read_text() == first
+    assert "lr: 0.0005" in (output_dir / "config-2.yaml").read_text()
+
+
+def test_auto_resume_falls_back_to_the_newest_checkpoint_that_loads(finished_run, fashion_shards, tmp_path, capsys):
+    """Before: a damaged newest checkpoint stopped train.resume=auto with a traceback."""
+    output_dir = copy_of(finished_run, tmp_path)
+    (output_dir / "checkpoints" / "step-000000004" / "model.safetensors").write_bytes(b"\0" * 100)
+    capsys.readouterr()
+    assert run_train(fashion_shards, output_dir, "train.max_steps=5") == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint(s) that do not load: step-000000004 (" in out
+    assert "resumed from" in out and "step-000000002 at step 2" in out
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_staging_folder(fashion_shards, tmp_path):
+    """A file-size limit makes every write past 256 KiB fail as on a full disk (EFBIG). Before:
+    ~100 lines, or "basic_ios::clear: iostream error", and the partial staging folder stayed."""
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "run"
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))\n"
+              "from cmaclip.train import main\n"
+              "main(sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, "-c", script, *train_args(fashion_shards, output_dir, "logging.tensorboard=false")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"cmaclip train: writing {output_dir / 'checkpoints' / '.tmp-step-000000002'} failed: ")
+    assert "free there)" in lines[0]
+    assert list((output_dir / "checkpoints").iterdir()) == []
