@@ -22,6 +22,10 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "CMACLIP_DEBUG"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
+EXIT_TERMINATED = 143  # ... and for SIGTERM
+# Set by the trainer's stop request: a later failure (a collective whose peer the launcher has
+# already stopped) is then a consequence of that signal, not a bug.
+received_signal: str | None = None
 # How long a rank other than 0 waits before reporting (the launcher's monitor polls every 0.1-5 s).
 OTHER_RANK_GRACE_S = 8.0
 
@@ -107,7 +111,15 @@ def command(prog: str):
             try:
                 return main(argv)
             except BaseException as error:
-                if not is_known(error) or os.environ.get(DEBUG_ENV) == "1":
+                if os.environ.get(DEBUG_ENV) == "1":
+                    raise
+                if received_signal is not None and not is_known(error):
+                    rank = os.environ.get("RANK", "0")
+                    print(f"{prog} (rank {rank}): stopped by {received_signal} before the next checkpoint "
+                          f"(another rank failed, or the job was cancelled); then: {describe(error)[:200]}",
+                          file=sys.stderr, flush=True)
+                    sys.exit(EXIT_TERMINATED)
+                if not is_known(error):
                     raise
                 sys.exit(report(prog, error))
 

@@ -6,7 +6,7 @@ ZeRO-1/2/3 (the accelerate config names the ds_config; its "auto" values come fr
 Each step: `grad_accum_steps` micro-batches from the rank's own loader shard, AdamW with one
 learning rate for the CLIP backbone and one for the new layers, warmup + cosine. Around it:
 TensorBoard and a progress bar on rank 0, periodic evaluation, atomic checkpoints every
-`train.save_every` steps, a clean stop on SIGUSR1, and the export of the final model.
+`train.save_every` steps, a clean stop on SIGUSR1 or SIGTERM, and the export of the final model.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from torch import nn
 from cmaclip import checkpoint, resume, runlock
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
 from cmaclip.data.loader import build_loader, model_inputs
-from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
-                                 shutdown, uses_deepspeed)
+from cmaclip.distributed import (StopRequest, die_with_launcher, fill_deepspeed_config, make_accelerator,
+                                 quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
 from cmaclip.guard import NonFiniteGuard
 
-# Written into output_dir by a run that stopped on SIGUSR1 before max_steps (Slurm requeues on it).
+# Written into output_dir by a run that stopped on SIGUSR1/SIGTERM before max_steps (Slurm requeues on it).
 PREEMPTED_MARKER = "PREEMPTED"
 # Parameters of these modules never get weight decay (nor do biases, other 1-d parameters, and
 # learned vectors named *embedding: position, class and modality embeddings).
@@ -225,6 +225,7 @@ def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
 def train(config: RunConfig) -> int:
     """Run (or continue) the training `config` describes. Returns the step it stopped at."""
     quiet_libraries()
+    die_with_launcher()
     accelerator = make_accelerator(config)
     finished = False
     try:
@@ -318,7 +319,7 @@ def run(config: RunConfig, accelerator) -> int:
                 save(step)
             if accelerator.is_main_process:
                 (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
-            monitor.line(f"stopped on SIGUSR1 at step {step}; checkpoint saved, resume with train.resume=auto")
+            monitor.line(f"stopped on SIGUSR1/SIGTERM at step {step}; checkpoint saved, resume with train.resume=auto")
             monitor.close()
             return step
 
