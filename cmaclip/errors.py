@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import shutil
 import signal
@@ -93,8 +94,21 @@ def report(prog: str, error: BaseException) -> int:
         # the launcher ends this rank with SIGTERM once another rank has failed: die quietly then
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(OTHER_RANK_GRACE_S)
-    print(prefix + describe(error), file=sys.stderr, flush=True)
+    line = prefix + describe(error)
+    print(line, file=sys.stderr, flush=True)
+    tell_launcher(line)
     return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", EXIT_ERROR)
+
+
+def tell_launcher(line: str) -> None:
+    """torchrun's agent (inside `accelerate launch`) prints a failure summary of its own; given
+    this file, its "Root Cause" shows our line instead of a pointer to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass
 
 
 def command(prog: str):
@@ -115,9 +129,10 @@ def command(prog: str):
                     raise
                 if received_signal is not None and not is_known(error):
                     rank = os.environ.get("RANK", "0")
-                    print(f"{prog} (rank {rank}): stopped by {received_signal} before the next checkpoint "
-                          f"(another rank failed, or the job was cancelled); then: {describe(error)[:200]}",
-                          file=sys.stderr, flush=True)
+                    line = (f"{prog} (rank {rank}): stopped by {received_signal} before the next checkpoint "
+                            f"(another rank failed, or the job was cancelled); then: {describe(error)[:200]}")
+                    print(line, file=sys.stderr, flush=True)
+                    tell_launcher(line)
                     sys.exit(EXIT_TERMINATED)
                 if not is_known(error):
                     raise

@@ -151,3 +151,28 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_staging_folder(fash
     assert lines[0].startswith(f"cmaclip train: writing {output_dir / 'checkpoints' / '.tmp-step-000000002'} failed: ")
     assert "free there)" in lines[0]
     assert list((output_dir / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("node_rank", [0, 1])
+def test_a_node_that_never_arrives_is_named_after_the_rendezvous_time_out(node_rank, tmp_path):
+    """Before: a two-node launch whose other node never started waited without a word."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NUM_NODES": "2", "NODE_RANK": str(node_rank), "MAIN_ADDR": "127.0.0.1",
+           "MAIN_PORT": str(port - 1), "RDZV_TIMEOUT": "3", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(REPO / "launchers" / "slurm" / "launch.sh"), "--config", RECIPE],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    expected = (f"node(s) 1 of 2 did not join the rendezvous at 127.0.0.1:{port} within 3 s (joined: 0 "
+                f"({socket.gethostname()})): did they start, and can they reach 127.0.0.1?" if node_rank == 0 else
+                f"node 1: no rendezvous with node 0 at 127.0.0.1:{port} within 3 s: did node 0 start, and is "
+                f"127.0.0.1:{port} reachable from here?")
+    assert done.stderr.strip() == f"cmaclip rendezvous: {expected}", done.stderr
