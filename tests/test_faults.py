@@ -176,3 +176,99 @@ def test_a_node_that_never_arrives_is_named_after_the_rendezvous_time_out(node_r
                 f"node 1: no rendezvous with node 0 at 127.0.0.1:{port} within 3 s: did node 0 start, and is "
                 f"127.0.0.1:{port} reachable from here?")
     assert done.stderr.strip() == f"cmaclip rendezvous: {expected}", done.stderr
+
+
+def damaged_copy(shards: Path, tmp_path: Path, split: str = "train") -> tuple[Path, Path]:
+    """A copy of `shards` whose first `split` tar has random bytes over its second sample's JPEG
+    (the tar keeps its size). -> (folder, damaged tar)."""
+    import shutil
+
+    copy = Path(shutil.copytree(shards, tmp_path / "shards"))
+    tar = copy / json.loads((copy / "dataset.json").read_text())["splits"][split]["shards"][0]
+    entry = (tar.with_name(tar.name + ".idx")).read_text().splitlines()[2].split()
+    offset, size = int(entry[entry.index("jpg") + 1]), int(entry[entry.index("jpg") + 2])
+    with open(tar, "r+b") as file:
+        file.seek(offset + 20)  # inside the JPEG header segments
+        file.write(bytes(__import__("random").Random(0).randrange(256) for _ in range(min(200, size // 3))))
+    return copy, tar
+
+
+def test_shards_record_checksums_and_verify_names_the_damaged_tar(fashion_shards, tmp_path, capsys):
+    from cmaclip.data.shards import main
+
+    info = json.loads((fashion_shards / "dataset.json").read_text())
+    tars = [name for split in info["splits"].values() for name in split["shards"]]
+    assert set(info["files"]) == {*tars, *(f"{name}.idx" for name in tars)}
+    assert all(len(record["sha256"]) == 64 for record in info["files"].values())
+    with pytest.raises(SystemExit) as stopped:
+        main(["--verify", str(fashion_shards)])
+    assert stopped.value.code == 0 and "120 samples checked, 0 problem(s)" in capsys.readouterr().out
+
+    copy, tar = damaged_copy(fashion_shards, tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--verify", str(copy)])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 1 and "1 problem(s)" in captured.out or "2 problem(s)" in captured.out
+    assert f"{tar}: contents differ from the SHA-256 recorded in dataset.json (damaged)" in captured.err
+
+
+def test_a_truncated_or_missing_shard_is_named_when_the_loader_starts(fashion_shards, tmp_path):
+    """Before: a truncated tar was reported as a malformed index (or crashed inside DALI)."""
+    import shutil
+
+    from cmaclip.data.config import DataConfig
+    from cmaclip.data.loader import build_loader
+    from cmaclip.errors import DataError
+
+    copy = Path(shutil.copytree(fashion_shards, tmp_path / "shards"))
+    tar = copy / json.loads((copy / "dataset.json").read_text())["splits"]["train"]["shards"][1]
+    size = tar.stat().st_size
+    with open(tar, "r+b") as file:
+        file.truncate(size - 4096)
+    arguments = dict(config=DataConfig(loader="pil", workers=0), batch_size=4, image_size=32, train=True)
+    with pytest.raises(DataError, match=f"{tar}: {size - 4096} bytes, but dataset.json records {size} "):
+        build_loader(copy, "train", **arguments)
+    tar.unlink()
+    with pytest.raises(DataError, match=f"{tar}: missing"):
+        build_loader(copy, "train", **arguments)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_damaged_image_inside_dali_names_the_shard(train, fashion_shards, tmp_path):
+    """Before: "nvImageCodec failure: '#4'" with no file named (train), a segfault (eval)."""
+    pytest.importorskip("nvidia.dali")
+    from cmaclip.data.config import DataConfig
+    from cmaclip.data.loader import build_loader
+    from cmaclip.errors import DataError
+
+    split = "train" if train else "val"
+    copy, tar = damaged_copy(fashion_shards, tmp_path, split)
+    loader = build_loader(copy, split, config=DataConfig(loader="dali", workers=1), batch_size=8, image_size=32,
+                          train=train)
+    with pytest.raises(DataError, match=f"DALI failed reading split '{split}'.*{tar}: contents differ"):
+        for _ in loader:
+            pass
+
+
+def test_image_paths_that_leave_the_image_root_are_skipped_unless_allowed(tmp_path):
+    """Before: a path escaping --image-root was read and the image there embedded."""
+    import shutil
+
+    from cmaclip.data.shards import write_shards
+
+    images = REPO / "shards" / "fashion-products" / "images"
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(images / "10000.jpg", root / "inside.jpg")
+    shutil.copy(images / "10007.jpg", tmp_path / "outside.jpg")
+    rows = [{"id": "a", "image": "inside.jpg", "text": "a shirt", "labels": {"kind": "shirt"}},
+            {"id": "b", "image": "../outside.jpg", "text": "a shoe", "labels": {"kind": "shoe"}},
+            {"id": "c", "image": str(tmp_path / "outside.jpg"), "text": "a shoe", "labels": {"kind": "shoe"}}]
+    catalog = tmp_path / "products.jsonl"
+    catalog.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    contained = write_shards(catalog, ["kind"], tmp_path / "contained", image_root=root, val_fraction=0)
+    assert [(s["id"], s["reason"].split(":")[0]) for s in contained["skipped"]] == [
+        ("b", f"image path leaves the image root {root}"), ("c", f"image path leaves the image root {root}")]
+    allowed = write_shards(catalog, ["kind"], tmp_path / "allowed", image_root=root, val_fraction=0,
+                           allow_outside_image_root=True)
+    assert allowed["skipped"] == [] and allowed["splits"]["train"]["samples"] == 3

@@ -78,7 +78,9 @@ def skip_record(line: int, row_id: str | None, reason: str) -> dict:
 
 
 def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text",
-                 image_root: str | Path | None = None) -> Catalog:
+                 image_root: str | Path | None = None, contain: bool = True) -> Catalog:
+    """contain: an image path that leaves the image root (absolute, `..`, a symlink out) skips
+    its row; False reads any path the catalogue names."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"{path}: input catalogue not found")
@@ -92,6 +94,8 @@ def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text
             if isinstance(fields, BadRow):
                 raise fields
             row = make_row(line, fields, tasks, image_root)
+            if contain and row.image is not None:
+                require_inside(row.image, image_root)
             if row.id in first_line_of:
                 raise BadRow(f"duplicate id (first seen on line {first_line_of[row.id]})")
             first_line_of[row.id] = line
@@ -193,6 +197,12 @@ def id_text(value) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def require_inside(image: Path, root: Path) -> None:
+    if not image.resolve().is_relative_to(root.resolve()):
+        raise BadRow(f"image path leaves the image root {root}: {image} (pass --allow-outside-image-root "
+                     "to read it)")
 
 
 def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> CatalogRow:

@@ -23,6 +23,7 @@ from .config import DataConfig
 from cmaclip.errors import DataError
 
 from .format import EOT_TOKEN_ID, DatasetInfo, load_dataset_info
+from .integrity import check_split_files
 
 # CLIP's image normalization (the statistics its encoders were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -189,6 +190,7 @@ def build_loader(shards_dir: str | Path, split: str, *, config: DataConfig, batc
                  device="cpu") -> BatchLoader:
     """A loader over one split of a shards folder for one rank (see the module docstring)."""
     dataset = load_dataset_info(shards_dir)
+    check_split_files(dataset, split)
     arguments = dict(config=config, batch_size=batch_size, image_size=image_size, train=train,
                      rank=rank, world_size=world_size, seed=seed, device=device)
     if resolve_backend(config.loader) == "dali":
