@@ -200,7 +200,11 @@ def id_text(value) -> str | None:
 
 
 def require_inside(image: Path, root: Path) -> None:
-    if not image.resolve().is_relative_to(root.resolve()):
+    try:
+        inside = image.resolve().is_relative_to(root.resolve())
+    except (OSError, ValueError):  # a NUL in the path, a symlink loop: prepare_image reports it
+        return
+    if not inside:
         raise BadRow(f"image path leaves the image root {root}: {image} (pass --allow-outside-image-root "
                      "to read it)")
 
