@@ -272,3 +272,102 @@ def test_image_paths_that_leave_the_image_root_are_skipped_unless_allowed(tmp_pa
     allowed = write_shards(catalog, ["kind"], tmp_path / "allowed", image_root=root, val_fraction=0,
                            allow_outside_image_root=True)
     assert allowed["skipped"] == [] and allowed["splits"]["train"]["samples"] == 3
+
+
+def edited_copy(shards: Path, tmp_path: Path, edit) -> Path:
+    """A copy of `shards` with edit(dataset.json dict) applied (None: dataset.json made invalid)."""
+    import shutil
+
+    copy = Path(shutil.copytree(shards, tmp_path / "edited"))
+    path = copy / "dataset.json"
+    if edit is None:
+        path.write_text(path.read_text()[:-20])
+    else:
+        info = json.loads(path.read_text())
+        edit(info)
+        path.write_text(json.dumps(info))
+    return copy
+
+
+def drop_an_index(info):
+    pass  # the .idx is deleted below
+
+
+def test_train_failures_are_one_line(fashion_shards, finished_run, tmp_path, capsys):
+    """Before: each of these printed a 15-90 line traceback (dataset.json with invalid JSON unnamed)."""
+    def first_train_tar(shards):
+        return shards / json.loads((shards / "dataset.json").read_text())["splits"]["train"]["shards"][0]
+
+    missing_index = edited_copy(fashion_shards, tmp_path / "a", drop_an_index)
+    (first_train_tar(missing_index).with_suffix(".tar.idx")).unlink()
+    invalid = edited_copy(fashion_shards, tmp_path / "b", None)
+
+    def one_class(info):
+        info["tasks"]["usage"] = info["tasks"]["usage"][:1]
+
+    out_of_range = edited_copy(fashion_shards, tmp_path / "c", one_class)
+    cases = [
+        ((tmp_path / "none", tmp_path / "r1"), f"{tmp_path / 'none' / 'dataset.json'} not found"),
+        ((missing_index, tmp_path / "r2"), f"{first_train_tar(missing_index)}.idx: missing"),
+        ((invalid, tmp_path / "r3"), f"{invalid / 'dataset.json'}: not valid JSON"),
+        ((out_of_range, tmp_path / "r4"), "for task 'usage', which has 1 classes in dataset.json"),
+    ]
+    for (shards, output_dir), expected in cases:
+        assert run_train(shards, output_dir) == 1, expected
+        line = one_error_line(capsys)
+        assert line.startswith("cmaclip train: ") and expected in line, line
+    resumed = copy_of(finished_run, tmp_path)
+    assert run_train(fashion_shards, resumed, "train.max_steps=6", "train.batch_size=4") == 2
+    assert "train.batch_size (saved 8, now 4) must stay as saved" in one_error_line(capsys)
+
+
+def test_eval_and_predict_failures_are_one_line(fashion_shards, finished_run, tmp_path, capsys):
+    """Before: a task mismatch in eval was a traceback; predict wrote "confidence": NaN (not JSON)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from cmaclip.evaluate import main as eval_main
+    from cmaclip.predict import main as predict_main
+
+    def rename_task(info):
+        info["tasks"] = {("colour" if task == "baseColour" else task): classes for task, classes in info["tasks"].items()}
+
+    other_tasks = edited_copy(fashion_shards, tmp_path, rename_task)
+    with pytest.raises(SystemExit) as stopped:
+        eval_main(["--checkpoint", str(finished_run), "--shards", str(other_tasks), "--split", "val",
+                   "--loader", "pil", "--out", str(tmp_path / "metrics.json")])
+    assert stopped.value.code == 1
+    assert "was trained on tasks/classes that differ from" in one_error_line(capsys)
+
+    diverged = Path(shutil.copytree(finished_run / "model", tmp_path / "diverged"))
+    weights = load_file(diverged / "model.safetensors")
+    weights[next(iter(weights))].fill_(math.nan)
+    save_file(weights, diverged / "model.safetensors")
+    products = tmp_path / "products.jsonl"
+    products.write_text(json.dumps({"id": "1", "text": "a red shirt"}) + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        predict_main(["--checkpoint", str(diverged), "--input", str(products), "--out", str(tmp_path / "p.jsonl")])
+    assert stopped.value.code == 2 and "weight tensors hold NaN/inf" in one_error_line(capsys)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_ctrl_c_is_one_line(fashion_shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "cmaclip.train", *train_args(fashion_shards, output_dir,
+                                "train.max_steps=1000", "train.save_every=0")],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (output_dir / "tensorboard").is_dir() or not any((output_dir / "tensorboard").iterdir()):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.5)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and stderr.strip().splitlines() == ["cmaclip train: interrupted (Ctrl-C)"], stderr
+    assert not (output_dir / "LOCK").exists()
