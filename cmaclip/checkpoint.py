@@ -177,7 +177,8 @@ def export_model(accelerator, model, checkpoint: Path, output_dir: str | Path) -
 
             with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # its progress prints
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        with cleaned_up_on_failure(staging):
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -10,6 +10,7 @@ alone failed (then it names itself).
 from __future__ import annotations
 
 import errno
+import faulthandler
 import functools
 import json
 import os
@@ -119,6 +120,7 @@ def command(prog: str):
         @functools.wraps(main)
         def run(argv=None):
             argv = list(sys.argv[1:] if argv is None else argv)
+            faulthandler.enable()  # a crash in native code (DALI, a library) still names where it happened
             if DEBUG_FLAG in argv:
                 argv = [arg for arg in argv if arg != DEBUG_FLAG]
                 os.environ[DEBUG_ENV] = "1"  # child processes (ablate's trainings) inherit it
