@@ -112,6 +112,14 @@ def tell_launcher(line: str) -> None:
             pass
 
 
+def enable_faulthandler() -> None:
+    """A crash in native code (DALI, a library) still prints where it happened."""
+    try:
+        faulthandler.enable(file=sys.__stderr__)
+    except (AttributeError, OSError, ValueError):  # no real stderr (embedded, some test captures)
+        pass
+
+
 def command(prog: str):
     """Decorator for a command's `main(argv=None)`: strips `--debug` from argv and turns known
     errors into one line and a non-zero exit."""
@@ -120,7 +128,7 @@ def command(prog: str):
         @functools.wraps(main)
         def run(argv=None):
             argv = list(sys.argv[1:] if argv is None else argv)
-            faulthandler.enable()  # a crash in native code (DALI, a library) still names where it happened
+            enable_faulthandler()
             if DEBUG_FLAG in argv:
                 argv = [arg for arg in argv if arg != DEBUG_FLAG]
                 os.environ[DEBUG_ENV] = "1"  # child processes (ablate's trainings) inherit it

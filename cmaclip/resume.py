@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from cmaclip import checkpoint
 from cmaclip.config import ConfigError, RunConfig, to_dict, to_yaml
+from cmaclip.errors import CmaclipError
 
 # Keys whose change would silently reinterpret a checkpoint (model.fusion_heads 4 -> 8 loads the
 # same tensors as other heads) or break the resumed data position (batch size, seed, split).
@@ -84,7 +85,7 @@ def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[
                 log(f"config changed since {path.name}: {change}")
         try:
             step, error = checkpoint.load_checkpoint(accelerator, path, loader), None
-        except ConfigError:
+        except CmaclipError:  # a config or data mismatch: an older checkpoint would not do either
             raise
         except Exception as failure:  # noqa: BLE001 -- a damaged file shows as any error of the library reading it
             step, error = None, failure
