@@ -15,8 +15,11 @@ def bf16_accelerator():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    # Accelerate's state is process-wide: start from none (a test before may have made one) and
+    # leave none behind
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield Accelerator(cpu=True, mixed_precision="bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)  # the next Accelerator starts afresh
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_accelerate_bf16_forward_and_backward(bf16_accelerator):
@@ -101,6 +104,7 @@ def test_cudnn_attention_switch():
 
     config = RunConfig()
     config.train.cudnn_attention = False
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         make_accelerator(config)
         assert not torch.backends.cuda.cudnn_sdp_enabled()
