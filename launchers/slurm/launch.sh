@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One node's share of a multi-node run: `accelerate launch` for this node, with SIGUSR1 passed on
-# to the training processes. train.sbatch runs it once per node (srun, one task per node); the
-# tests run it twice on one machine (NODE_RANK 0 and 1 on 127.0.0.1) to simulate two nodes.
+# to the training processes. train.sbatch and predict.sbatch run it once per node (srun, one task
+# per node); the tests run it twice on one machine (NODE_RANK 0 and 1 on 127.0.0.1) to simulate
+# two nodes.
 #
-#   launch.sh [cmaclip.train arguments: --config FILE.yaml key.sub=value ...]
+#   launch.sh [arguments of $MODULE: --config FILE.yaml key.sub=value ... for cmaclip.train]
 #
 # Environment (the sbatch script sets them from Slurm; the defaults are one local node):
 #   NUM_NODES       nodes in the run                                   (default 1)
@@ -15,6 +16,8 @@
 #   ACCELERATE_CONFIG  accelerate config     (default launchers/accelerate/multinode-zero3.yaml)
 #   ACCELERATE      the accelerate executable                          (default: accelerate)
 #   EXTRA_LAUNCH_ARGS  more `accelerate launch` flags, e.g. "--deepspeed_config_file X.json"
+#   MODULE          the Python module every process runs   (default cmaclip.train; cmaclip.predict,
+#                   cmaclip.calibrate and cmaclip.evaluate run the same way)
 set -euo pipefail
 
 NUM_NODES=${NUM_NODES:-1}
@@ -24,6 +27,7 @@ MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero3.yaml}
 ACCELERATE=${ACCELERATE:-accelerate}
+MODULE=${MODULE:-cmaclip.train}
 
 # Slurm's --signal=USR1@T may reach only this script, or every process of the step. The launcher
 # (torchrun's agent inside accelerate) must not die of it, so it starts with USR1 ignored (the
@@ -34,7 +38,7 @@ ACCELERATE=${ACCELERATE:-accelerate}
   exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NUM_NODES" --num_processes "$((NUM_NODES * PROCS_PER_NODE))" \
     --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
-    ${EXTRA_LAUNCH_ARGS:-} -m cmaclip.train "$@"
+    ${EXTRA_LAUNCH_ARGS:-} -m "$MODULE" "$@"
 ) &
 launcher=$!
 
