@@ -14,8 +14,9 @@ its sample's `id` component, found from the batch's `index` through the shards' 
 batch contract stays as training uses it).
 
 Output folder (on a filesystem every node sees):
-  part-RRRRR-of-WWWWW.parquet  rank R's products; written as `<name>.partial`, renamed when whole
-  summary.json                 written by rank 0 once every part exists: counts per task and decision
+  part-RRRRR-of-WWWWW.parquet  rank R's products; written as `.<name>.partial`, renamed when whole
+  _summary.json                written by rank 0 once every part exists: counts per task and decision
+The folder reads as one table: `pandas.read_parquet(out)` (readers skip names starting with "_" or ".").
 
 Resumable: a rank whose part already exists skips its share, so a rerun after a crash or a
 preemption redoes only the unfinished parts. A part records the run it belongs to (checkpoint,
@@ -52,7 +53,9 @@ from cmaclip.calibration import CALIBRATION_FILE, Calibration, probabilities
 from cmaclip.data.format import IMAGE, TEXT
 
 PART_FORMAT = "part-{rank:05d}-of-{world_size:05d}.parquet"
-SUMMARY_FILE = "summary.json"
+# Readers of a Parquet folder (pyarrow, pandas, Spark) skip names that start with "_" or ".": the
+# summary and a part being written never get in the way of `pd.read_parquet(out)`.
+SUMMARY_FILE = "_summary.json"
 METADATA_KEY = b"cmaclip"
 ROW_GROUP_ROWS = 1 << 17  # rows buffered before a Parquet row group is written
 DECISIONS = ("accept", "review")
@@ -107,13 +110,13 @@ def batch_rows(ids: list[str], index: np.ndarray, tasks: dict[str, list[str]], l
 # ---- the part file of one rank ---------------------------------------------------------------------
 
 class PartWriter:
-    """One rank's Parquet part: row groups of ROW_GROUP_ROWS rows into `<name>.partial`, renamed to
-    its name by close(), or removed by abort()."""
+    """One rank's Parquet part: row groups of ROW_GROUP_ROWS rows into `.<name>.partial`, renamed
+    to its name by close(), or removed by abort()."""
 
     def __init__(self, path: Path):
         import pyarrow.parquet as pq
 
-        self.path, self.partial = path, path.with_name(path.name + ".partial")
+        self.path, self.partial = path, path.with_name(f".{path.name}.partial")
         self.writer = pq.ParquetWriter(self.partial, parquet_schema())
         self.pending, self.pending_rows = [], 0
 

@@ -89,7 +89,8 @@ def test_every_sample_of_the_split_once_with_its_id(model_dir, fashion_shards, t
         assert row["weight_text"] + row["weight_image"] == pytest.approx(1.0, abs=1e-5)
         assert row["decision"] == "review"  # the model has no calibration.json
     assert pq.read_schema(out / "part-00000-of-00001.parquet").names == batch_predict.parquet_schema().names
-    summary = json.loads((out / "summary.json").read_text())
+    assert pq.read_table(out).num_rows == len(table)  # the folder reads as one table (_summary.json skipped)
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["products"] == summary["samples"] == len(ids) and summary["unreadable"] == []
     assert summary["tasks"] == {task: {"accept": 0, "review": len(ids), "accept_fraction": 0.0} for task in tasks}
     assert "every decision is review" in printed and not list(out.glob("*.partial"))
@@ -119,7 +120,7 @@ def test_calibrated_decisions_follow_the_thresholds(model_dir, fashion_shards, t
         assert row["decision"] == ("accept" if row["confidence"] >= np.float32(threshold) else "review")
         decisions[row["decision"]] += 1
     assert decisions["accept"] > 0 and decisions["review"] > 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert sum(c["accept"] for c in summary["tasks"].values()) == decisions["accept"]
 
 
@@ -134,8 +135,8 @@ def test_a_rerun_skips_the_finished_part_and_ignores_a_killed_runs_leftover(mode
     code, printed, _ = run_predict(capsys, *arguments)
     assert code == 0 and "its share is done" in printed and part.stat().st_mtime_ns == written
     # what a run killed mid-way leaves: no part, a half-written .partial
-    part.rename(out / "part-00000-of-00001.parquet.partial")
-    (out / "part-00000-of-00001.parquet.partial").write_bytes(b"PAR1 cut short")
+    part.rename(out / ".part-00000-of-00001.parquet.partial")
+    (out / ".part-00000-of-00001.parquet.partial").write_bytes(b"PAR1 cut short")
     assert run_predict(capsys, *arguments)[0] == 0
     assert rows(out) == first and not list(out.glob("*.partial"))
 
@@ -227,7 +228,7 @@ def test_four_ranks_on_two_simulated_nodes_match_one_process(one_process_predict
     assert_same_predictions(rows(out), expected)
     tasks = load_dataset_info(fashion_shards).tasks
     assert [r["id"] for r in expected] == [i for i in shard_ids(fashion_shards, "train") for _ in tasks]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["world_size"] == 4 and summary["products"] == summary["samples"], output
 
     # rank 2's part lost (as if its node died): the rerun redoes that part only
@@ -243,7 +244,7 @@ def test_four_ranks_on_two_simulated_nodes_match_one_process(one_process_predict
 def test_a_run_killed_mid_way_and_rerun_gives_the_same_output(one_process_predictions, model_dir, fashion_shards,
                                                               tmp_path):
     out = tmp_path / "preds"
-    partial = out / "part-00000-of-00001.parquet.partial"
+    partial = out / ".part-00000-of-00001.parquet.partial"
     process = one_process(model_dir, fashion_shards, out, "--batch-size", "1")
     deadline = time.time() + 240
     while not partial.exists():
