@@ -44,6 +44,16 @@ def shard_ids(shards: Path, split: str) -> list[str]:
     return ids
 
 
+def shard_labels(shards: Path, split: str) -> list[list[int]]:
+    """The split's labels (class indices, -1 = missing) in sample order, from the tar members `<key>.lbl`."""
+    labels = []
+    for name in load_dataset_info(shards).splits[split].shards:
+        with tarfile.open(shards / name) as tar:
+            members = sorted((m for m in tar.getmembers() if m.name.endswith(".lbl")), key=lambda m: m.name)
+            labels += [np.frombuffer(tar.extractfile(m).read(), "<i4").tolist() for m in members]
+    return labels
+
+
 def rows(out: Path) -> list[dict]:
     """Every part's rows, in (index, task) order."""
     parts = sorted(out.glob("part-*.parquet"))
@@ -96,20 +106,32 @@ def test_every_sample_of_the_split_once_with_its_id(model_dir, fashion_shards, t
     assert "every decision is review" in printed and not list(out.glob("*.partial"))
 
 
-def test_calibrated_decisions_follow_the_thresholds(model_dir, fashion_shards, tmp_path, capsys):
-    """A hand-made calibration.json (temperature 0.5, a threshold per task, one class that is never
-    accepted): `accept` exactly where the calibrated confidence reaches the predicted class's."""
-    calibrated = tmp_path / "model"
-    calibrated.mkdir()
+def never_accepted(tasks: dict) -> dict[str, str]:
+    return {task: classes[0] for task, classes in tasks.items()}
+
+
+@pytest.fixture(scope="module")
+def calibrated_model(model_dir, fashion_shards, tmp_path_factory) -> Path:
+    """The model with a hand-made calibration.json: temperature 0.5, threshold 1.5 / classes per
+    task, and each task's first class never accepted."""
+    folder = tmp_path_factory.mktemp("calibrated") / "model"
+    folder.mkdir()
     for name in ("config.json", "model.safetensors"):
-        (calibrated / name).symlink_to(model_dir / name)
+        (folder / name).symlink_to(model_dir / name)
     tasks = load_dataset_info(fashion_shards).tasks
-    never = {task: classes[0] for task, classes in tasks.items()}
     Calibration(target_precision=0.9, tasks={
-        task: TaskCalibration(temperature=0.5, threshold=1.5 / len(classes), class_thresholds={never[task]: None})
-        for task, classes in tasks.items()}).save(calibrated)
+        task: TaskCalibration(temperature=0.5, threshold=1.5 / len(classes),
+                              class_thresholds={never_accepted(tasks)[task]: None})
+        for task, classes in tasks.items()}).save(folder)
+    return folder
+
+
+def test_calibrated_decisions_follow_the_thresholds(model_dir, calibrated_model, fashion_shards, tmp_path, capsys):
+    """`accept` exactly where the calibrated confidence reaches the predicted class's threshold."""
+    tasks = load_dataset_info(fashion_shards).tasks
+    never = never_accepted(tasks)
     plain, out = tmp_path / "plain", tmp_path / "calibrated"
-    for model, folder in ((model_dir, plain), (calibrated, out)):
+    for model, folder in ((model_dir, plain), (calibrated_model, out)):
         assert run_predict(capsys, "--checkpoint", model, "--shards", fashion_shards, "--split", "val", "--out", folder,
                            "--loader", "pil", "--workers", 0)[0] == 0
     decisions = {"accept": 0, "review": 0}
@@ -122,6 +144,28 @@ def test_calibrated_decisions_follow_the_thresholds(model_dir, fashion_shards, t
     assert decisions["accept"] > 0 and decisions["review"] > 0
     summary = json.loads((out / "_summary.json").read_text())
     assert sum(c["accept"] for c in summary["tasks"].values()) == decisions["accept"]
+
+
+def test_eval_reports_the_precision_and_coverage_of_predicts_accepted_attributes(calibrated_model, fashion_shards,
+                                                                                tmp_path, capsys):
+    from cmaclip import evaluate
+
+    arguments = ("--checkpoint", calibrated_model, "--shards", fashion_shards, "--split", "val", "--loader", "pil")
+    assert run_predict(capsys, *arguments, "--workers", 0, "--out", tmp_path / "preds")[0] == 0
+    evaluate.main([*map(str, arguments), "--out", str(tmp_path / "metrics.json")])
+    assert "auto-fill at precision 0.9" in capsys.readouterr().out
+    auto_fill = json.loads((tmp_path / "metrics.json").read_text())["auto_fill"]
+    info = load_dataset_info(fashion_shards)
+    labels = shard_labels(fashion_shards, "val")
+    predicted = {(row["index"], row["task"]): row for row in rows(tmp_path / "preds")}
+    for k, (task, classes) in enumerate(info.tasks.items()):
+        labelled = [i for i in range(len(labels)) if labels[i][k] >= 0]
+        accepted = [i for i in labelled if predicted[i, task]["decision"] == "accept"]
+        correct = sum(predicted[i, task]["label"] == classes[labels[i][k]] for i in accepted)
+        assert auto_fill["tasks"][task]["n"] == len(labelled) and auto_fill["tasks"][task]["accepted"] == len(accepted)
+        assert auto_fill["tasks"][task]["coverage"] == pytest.approx(len(accepted) / len(labelled))
+        assert auto_fill["tasks"][task]["precision"] == (pytest.approx(correct / len(accepted)) if accepted else None)
+    assert sum(task["accepted"] for task in auto_fill["tasks"].values()) > 0
 
 
 def test_a_rerun_skips_the_finished_part_and_ignores_a_killed_runs_leftover(model_dir, fashion_shards, tmp_path,
