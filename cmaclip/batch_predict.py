@@ -194,8 +194,7 @@ def predict_share(model, loader, ids, part: PartWriter, *, calibration: Calibrat
             continue
         index = index[keep]
         seen[index - share.start] = True
-        logits = {task: values.float()[torch.from_numpy(keep).to(values.device)].cpu().numpy()
-                  for task, values in output.logits.items()}
+        logits = {task: values.float().cpu().numpy()[keep] for task, values in output.logits.items()}
         weights = output.modality_weights.float().cpu().numpy()[keep]
         part.write(batch_rows([ids(i) for i in index], index, model.tasks, logits, weights, calibration, top_k))
     return int(seen.sum()), [ids(share.start + int(i)) for i in np.flatnonzero(~seen)]
@@ -212,7 +211,7 @@ def product_ids(info, split: str):
 # ---- summary ---------------------------------------------------------------------------------------
 
 def summarize(out: Path, run: dict, num_samples: int) -> dict:
-    """summary.json's content from the parts (all of them must exist)."""
+    """_summary.json's content, from the parts (all of them must exist)."""
     import pyarrow.parquet as pq
 
     names = [PART_FORMAT.format(rank=r, world_size=run["world_size"]) for r in range(run["world_size"])]
