@@ -19,7 +19,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: cmaclip COMMAND [args]  (cmaclip COMMAND --help for its arguments)", "", "commands:"]
-    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -171,8 +171,9 @@ def unique_samples(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb: str = "none", seed: int = 0,
                   progress: bool = False, calibration=None) -> tuple[dict[str, np.ndarray], dict | None]:
     """This rank's per-sample predictions: index [N], labels/predicted/confidence [N, K],
-    modality_weights [N, K, 2], with a calibration also accepted [N, K] (auto-fill); and its first batch, unperturbed (for attention pictures: the
-    loader is iterated once per evaluation, as a second `iter` would start mid-epoch)."""
+    modality_weights [N, K, 2], with a calibration also accepted [N, K] (auto-fill); and its
+    first batch, unperturbed (for attention pictures: the loader is iterated once per evaluation,
+    as a second `iter` would start mid-epoch)."""
     word_end = word_end_table(loader.dataset.context_length) if perturb == "drop-words" else None
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     parts = {"index": [], "labels": [], "predicted": [], "confidence": [], "modality_weights": []}
@@ -198,8 +199,9 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
         if calibration is not None:
-            parts.setdefault("accepted", []).append(np.stack([calibration.decide(
-                task, loader.dataset.tasks[task], output.logits[task].float().cpu().numpy())[2] for task in tasks], axis=1))
+            accepted = [calibration.decide(task, loader.dataset.tasks[task], output.logits[task].float().cpu().numpy())[2]
+                        for task in tasks]
+            parts.setdefault("accepted", []).append(np.stack(accepted, axis=1))
     if first_batch is None:
         raise ValueError(f"the {loader.dataset.root} loader yielded no batch on this rank")
     return {key: np.concatenate(values) for key, values in parts.items()}, first_batch

@@ -168,6 +168,31 @@ def test_eval_reports_the_precision_and_coverage_of_predicts_accepted_attributes
     assert sum(task["accepted"] for task in auto_fill["tasks"].values()) > 0
 
 
+def test_calibrate_fits_on_a_split_and_saves_next_to_the_model(model_dir, fashion_shards, tmp_path, capsys):
+    from cmaclip import calibrate
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).symlink_to(model_dir / name)
+    calibrate.main(["--checkpoint", str(tmp_path), "--shards", str(fashion_shards), "--split", "val",
+                    "--precision", "0.3", "--min-class-samples", "5", "--loader", "pil"])
+    printed = capsys.readouterr().out
+    saved = Calibration.load(model)
+    info = load_dataset_info(fashion_shards)
+    assert saved.samples == info.num_samples("val") and saved.target_precision == 0.3 and saved.split == "val"
+    assert list(saved.tasks) == list(info.tasks) and "auto-fill at precision 0.3" in printed
+    for task in saved.tasks.values():
+        assert task.temperature > 0 and task.n > 0 and task.ece_after is not None
+        assert task.precision is None or task.precision >= 0.3
+    for checkpoint, shards, message in ((tmp_path / "nowhere", fashion_shards, "no exported model"),
+                                        (tmp_path, tmp_path, "dataset.json not found")):
+        with pytest.raises(SystemExit) as stop:
+            calibrate.main(["--checkpoint", str(checkpoint), "--shards", str(shards)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("cmaclip calibrate: ") and message in err
+
+
 def test_a_rerun_skips_the_finished_part_and_ignores_a_killed_runs_leftover(model_dir, fashion_shards, tmp_path,
                                                                             capsys):
     out = tmp_path / "preds"

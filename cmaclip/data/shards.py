@@ -529,7 +529,7 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes")
     parser.add_argument("--overwrite", action="store_true", help="replace the cmaclip files already in --out")
     parser.add_argument("--unlabelled", action="store_true",
-                        help="keep rows without labels (a catalogue for `cmaclip predict --shards`); needs --vocab-from")
+                        help="keep rows without labels (a catalogue to predict); needs --vocab-from")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
