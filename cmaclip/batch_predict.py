@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,7 @@ import torch
 
 from cmaclip.calibration import CALIBRATION_FILE, Calibration, probabilities
 from cmaclip.data.format import IMAGE, TEXT
+from cmaclip.errors import CmaclipError, DataError
 
 PART_FORMAT = "part-{rank:05d}-of-{world_size:05d}.parquet"
 # Readers of a Parquet folder (pyarrow, pandas, Spark) skip names that start with "_" or ".": the
@@ -152,7 +152,7 @@ def part_metadata(path: Path) -> dict:
     try:
         return json.loads(pq.read_metadata(path).metadata[METADATA_KEY])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a part written by cmaclip predict ({error}); remove it or use a new --out")
+        raise DataError(f"{path}: not a part written by cmaclip predict ({error}); remove it or use a new --out")
 
 
 def check_existing_parts(out: Path, run: dict) -> None:
@@ -162,7 +162,7 @@ def check_existing_parts(out: Path, run: dict) -> None:
         different = [key for key in run if theirs.get(key) != run[key]]
         if different:
             details = ", ".join(f"{key} {theirs.get(key)!r} (now {run[key]!r})" for key in different)
-            raise ValueError(f"{path}: a part of another run ({details}); use a new --out, or remove "
+            raise CmaclipError(f"{path}: a part of another run ({details}); use a new --out, or remove "
                              "the old parts to start over")
 
 
@@ -217,7 +217,7 @@ def summarize(out: Path, run: dict, num_samples: int) -> dict:
     names = [PART_FORMAT.format(rank=r, world_size=run["world_size"]) for r in range(run["world_size"])]
     missing = [name for name in names if not (out / name).is_file()]
     if missing:
-        raise ValueError(f"{out}: parts {missing[:3]} are missing after every rank finished")
+        raise CmaclipError(f"{out}: parts {missing[:3]} are missing after every rank finished")
     counts = {}  # task -> decision -> rows, tasks in the parts' order
     products, unreadable = 0, []
     for name in names:
@@ -282,7 +282,7 @@ def run(args) -> None:
     calibration = Calibration.load(model_dir)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: --out must be a folder (it is a file)")
+        raise CmaclipError(f"{out}: --out must be a folder (it is a file)")
     quiet_libraries()
     accelerator = make_accelerator(RunConfig())  # gloo without CUDA, bf16 autocast on a GPU that has it
     run_identity = {"checkpoint": str(model_dir.resolve()), "shards": str(Path(args.shards).resolve()),
@@ -323,10 +323,6 @@ def run(args) -> None:
     shutdown(accelerator)
 
 
-def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"cmaclip predict: {error}", file=sys.stderr)
-        sys.exit(2)
+def main(argv) -> None:
+    """predict.main hands over here when given --shards (its error boundary reports failures)."""
+    run(parse_args(argv))

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from cmaclip.calibration import calibrate, format_report
+from cmaclip.errors import command
 
 
 def collect_logits(model, loader, tasks: list[str], autocast) -> dict[str, np.ndarray]:
@@ -82,13 +83,9 @@ def run(args) -> None:
     shutdown(accelerator)
 
 
+@command("cmaclip calibrate")
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"cmaclip calibrate: {error}", file=sys.stderr)
-        sys.exit(2)
+    run(parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cmaclip import metrics as M
+from cmaclip.errors import DataError
 from cmaclip.files import write_json_atomic
 
 CALIBRATION_FILE = "calibration.json"
@@ -177,12 +178,12 @@ class Calibration:
 
     def check_tasks(self, model_tasks: dict[str, list[str]], path) -> None:
         if list(self.tasks) != list(model_tasks):
-            raise ValueError(f"{path}: calibrated tasks {list(self.tasks)} differ from the model's "
+            raise DataError(f"{path}: calibrated tasks {list(self.tasks)} differ from the model's "
                              f"{list(model_tasks)}; run `cmaclip calibrate` for this model again")
         for task, calibration in self.tasks.items():
             unknown = sorted(set(calibration.class_thresholds) - set(model_tasks[task]))
             if unknown:
-                raise ValueError(f"{path}: task {task}: classes {unknown[:5]} are not the model's; "
+                raise DataError(f"{path}: task {task}: classes {unknown[:5]} are not the model's; "
                                  "run `cmaclip calibrate` for this model again")
 
     def save(self, model_dir: str | Path) -> Path:
@@ -201,7 +202,7 @@ class Calibration:
             tasks = {task: TaskCalibration(**values) for task, values in raw.pop("tasks").items()}
             return cls(tasks=tasks, **raw)
         except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{path}: not a calibration file ({error}); run `cmaclip calibrate` again") from None
+            raise DataError(f"{path}: not a calibration file ({error}); run `cmaclip calibrate` again") from None
 
 
 def calibrate(logits: dict[str, np.ndarray], labels: np.ndarray, tasks: dict[str, list[str]], *,

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from cmaclip.data.format import IMAGE, MODALITIES, TEXT
+from cmaclip.errors import command
 
 
 @dataclass
@@ -248,6 +249,7 @@ def run_with_model(command: str, args, work):
         sys.exit(2)
 
 
+@command("cmaclip predict")
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg == "--shards" or arg.startswith("--shards=") for arg in argv):

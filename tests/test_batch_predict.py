@@ -21,6 +21,7 @@ import pytest
 from cmaclip import batch_predict, predict
 from cmaclip.calibration import Calibration, TaskCalibration
 from cmaclip.data.format import load_dataset_info
+from cmaclip.errors import EXIT_ERROR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,7 +191,7 @@ def test_calibrate_fits_on_a_split_and_saves_next_to_the_model(model_dir, fashio
         with pytest.raises(SystemExit) as stop:
             calibrate.main(["--checkpoint", str(checkpoint), "--shards", str(shards)])
         err = capsys.readouterr().err
-        assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("cmaclip calibrate: ") and message in err
+        assert stop.value.code == EXIT_ERROR and err.count("\n") == 1 and err.startswith("cmaclip calibrate: ") and message in err
 
 
 def test_a_rerun_skips_the_finished_part_and_ignores_a_killed_runs_leftover(model_dir, fashion_shards, tmp_path,
@@ -235,7 +236,7 @@ def test_bad_arguments_are_one_line_errors(case, message, model_dir, fashion_sha
             {"run": run, "rank": 0, "products": 0, "unreadable": []})
     code, _, err = run_predict(capsys, "--checkpoint", checkpoint, "--shards", shards, "--split", split,
                                "--out", out, "--loader", "pil")
-    assert code == 2
+    assert code == EXIT_ERROR
     assert err.count("\n") == 1 and err.startswith("cmaclip predict: ") and message in err, err
 
 
