@@ -117,6 +117,11 @@ class TrainConfig:
     """At the end, write output_dir/model/: consolidated fp32 weights + config, loadable without
     DeepSpeed (CMAClip.from_pretrained)."""
 
+    compile: bool = False
+    """torch.compile the model (inductor, through Accelerate: after the DDP wrap, or the DeepSpeed
+    engine's module in place). The first steps pay the compilation; the title-length trim is one
+    graph break. On CPU it measured slower (bench/compile.py, README), hence off by default."""
+
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last"):
             if getattr(self, name) < 1:
