@@ -59,8 +59,9 @@ def run(command: list[str]) -> str:
 
 # ---- cmaclip --------------------------------------------------------------------------------------
 
-def cmaclip_throughput(shards: Path, out: Path, args) -> float:
-    """Samples/s of `cmaclip train` after the first logging window (the warm-up)."""
+def cmaclip_throughput(shards: Path, out: Path, args) -> tuple[float, float]:
+    """(samples/s of `cmaclip train` after the first logging window (the warm-up), the share of
+    that time spent waiting for data)."""
     stdout = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(REPO / "launchers" / "accelerate" / "cpu.yaml"), "--main_process_port", str(free_port()),
                   "-m", "cmaclip.train", "--config", "configs/cpu-demo.yaml", f"model.preset={PRESET}",
@@ -69,10 +70,12 @@ def cmaclip_throughput(shards: Path, out: Path, args) -> float:
                   "train.save_every=0", "train.export=false", f"logging.log_every={args.warmup}",
                   "logging.tensorboard=false", "train.resume=", f"output_dir={out}"])
     # step lines (stdout is not a terminal): "step 20/60: loss ..., 123.4 samples/s, ..."
-    rates = [float(rate) for rate in re.findall(r"^step \d+/\d+: .*?, ([\d.]+) samples/s", stdout, re.M)]
-    if len(rates) < 2:
+    windows = re.findall(r"^step \d+/\d+: .*?, ([\d.]+) samples/s, .*?waiting for data (\d+)%", stdout, re.M)
+    if len(windows) < 2:
         sys.exit(f"train_peer: no throughput in cmaclip's output:\n{stdout[-2000:]}")
-    return statistics.harmonic_mean(rates[1:])  # equal samples per window: harmonic mean = total / time
+    rates, waits = [float(rate) for rate, _ in windows[1:]], [float(wait) / 100 for _, wait in windows[1:]]
+    # equal samples per window: total / time is the harmonic mean, and time weighs the waits
+    return statistics.harmonic_mean(rates), sum(w / r for w, r in zip(waits, rates)) / sum(1 / r for r in rates)
 
 
 # ---- the peer: what a user writes with transformers + torch -------------------------------------
@@ -163,11 +166,14 @@ def peer_worker(args) -> None:
 
     model.train()
     stream = batches()
+    waited = 0.0
     for step in range(args.steps):
         if step == args.warmup:
             dist.barrier()
-            started = time.perf_counter()
+            started, waited = time.perf_counter(), 0.0
+        asked = time.perf_counter()
         pixel_values, input_ids, attention_mask, labels = next(stream)
+        waited += time.perf_counter() - asked
         logits = model(pixel_values, input_ids, attention_mask)
         loss = sum(loss_fn(task_logits, labels[:, k]) for k, task_logits in enumerate(logits))
         optimizer.zero_grad(set_to_none=True)
@@ -177,19 +183,19 @@ def peer_worker(args) -> None:
         loss.item()  # as a user logging the loss would (cmaclip reads it every step too)
     dist.barrier()
     if rank == 0:
-        samples = (args.steps - args.warmup) * args.batch * world
-        print(f"peer samples/s: {samples / (time.perf_counter() - started):.2f}", flush=True)
+        samples, seconds = (args.steps - args.warmup) * args.batch * world, time.perf_counter() - started
+        print(f"peer samples/s: {samples / seconds:.2f}, waiting for data {waited / seconds:.3f}", flush=True)
     dist.destroy_process_group()
 
 
-def peer_throughput(args) -> float:
+def peer_throughput(args) -> tuple[float, float]:
     stdout = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                   str(free_port()), __file__, "--peer-worker", f"--steps={args.steps}", f"--batch={args.batch}",
                   f"--workers={args.workers}", f"--warmup={args.warmup}"])
-    found = re.search(r"^peer samples/s: ([\d.]+)", stdout, re.M)
+    found = re.search(r"^peer samples/s: ([\d.]+), waiting for data ([\d.]+)", stdout, re.M)
     if not found:
         sys.exit(f"train_peer: no throughput in the peer's output:\n{stdout[-2000:]}")
-    return float(found.group(1))
+    return float(found.group(1)), float(found.group(2))
 
 
 # ---- the comparison --------------------------------------------------------------------------------
@@ -219,14 +225,17 @@ def main() -> None:
         print(f"{PRESET} CLIP dims, 2 processes x batch {args.batch}, {args.workers} data worker(s) and 1 torch "
               f"thread per process, {args.steps} steps ({args.warmup} warm-up); cmaclip loader: "
               f"{resolve_backend('auto')}")
-        rates: dict[str, list[float]] = {"cmaclip": [], "peer": []}
+        runs: dict[str, list[tuple[float, float]]] = {"cmaclip": [], "peer": []}
         for repeat in range(args.repeats):
-            rates["cmaclip"].append(cmaclip_throughput(shards, Path(tmp) / f"run{repeat}", args))
-            rates["peer"].append(peer_throughput(args))
-            print(f"run {repeat + 1}: cmaclip {rates['cmaclip'][-1]:.1f} samples/s, peer {rates['peer'][-1]:.1f}",
-                  flush=True)
-    cmaclip, peer = statistics.median(rates["cmaclip"]), statistics.median(rates["peer"])
-    print(f"{'side':<8} {'samples/s':>10}\n{'cmaclip':<8} {cmaclip:>10.1f}\n{'peer':<8} {peer:>10.1f}")
+            runs["cmaclip"].append(cmaclip_throughput(shards, Path(tmp) / f"run{repeat}", args))
+            runs["peer"].append(peer_throughput(args))
+            print(f"run {repeat + 1}: " + ", ".join(f"{side} {values[-1][0]:.1f} samples/s (waiting for data "
+                                                    f"{values[-1][1]:.0%})" for side, values in runs.items()), flush=True)
+    print(f"{'side':<8} {'samples/s':>10} {'waiting for data':>17}")
+    for side, values in runs.items():
+        rate, wait = sorted(values)[len(values) // 2]  # the repeat of (upper) median throughput
+        print(f"{side:<8} {rate:>10.1f} {wait:>17.0%}")
+    cmaclip, peer = (statistics.median(rate for rate, _ in runs[side]) for side in ("cmaclip", "peer"))
     print(f"train speedup cmaclip/peer samples-per-second: {cmaclip / peer:.2f}")
 
 

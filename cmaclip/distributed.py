@@ -116,7 +116,8 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "torch.distributed.elastic"):
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "torch.distributed.elastic",
+                 "torch._dynamo", "torch._logging"):  # train.compile: one expected graph break per step
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|accelerate|deepspeed|transformers)\b")
     warnings.filterwarnings("ignore", category=FutureWarning)

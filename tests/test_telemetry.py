@@ -120,3 +120,11 @@ def test_a_training_run_reports_its_efficiency(fashion_shards, tmp_path, monkeyp
         assert tag in scalars, tag
     assert "train/mfu" not in scalars
     assert events.Scalars("model/gflops_per_sample")[0].value > 0
+
+
+@pytest.mark.gpu
+def test_fp32_matrix_products_use_tf32_on_cuda():
+    from cmaclip.distributed import make_accelerator
+
+    make_accelerator(RunConfig())
+    assert torch.get_float32_matmul_precision() == "high"
