@@ -13,43 +13,13 @@ state. Runs are interleaved (eager, compiled, eager, ...) and the median is repo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import time
 
 import torch
 
-from cmaclip.config import OptimConfig
-from cmaclip.model import CMAClip, ModelConfig
-from cmaclip.train import build_optimizer
-from step import DEVICE, TASKS, make_batch  # bench/step.py: product-like batches
+from step import DEVICE, Trainer  # bench/step.py: a training step on product-like batches
 
 SHAPES = 3  # distinct batches (title lengths) the runs cycle through
-
-
-class Trainer:
-    def __init__(self, preset: str, compiled: bool, batches: list[dict]):
-        torch.manual_seed(0)
-        model = CMAClip(ModelConfig(preset=preset, dropout=0.0), TASKS).to(DEVICE).train()
-        self.optimizer = build_optimizer(model, OptimConfig())
-        self.model = torch.compile(model) if compiled else model
-        self.batches, self.taken = batches, 0
-
-    def step(self) -> float:
-        batch = self.batches[self.taken % len(self.batches)]
-        self.taken += 1
-        autocast = torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast:
-            loss = self.model(**batch).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -64,10 +34,8 @@ def main() -> None:
     print(f"{'backbone':<10} {'mode':<9} {'first steps s':>14} {'step ms':>9}")
     speedup = None
     for preset in args.presets.split(","):
-        generator = torch.Generator().manual_seed(1)
-        image_size = CMAClip(ModelConfig(preset=preset), TASKS).config.image_size
-        batches = [make_batch(args.batch, image_size, generator) for _ in range(SHAPES)]
-        trainers = {"eager": Trainer(preset, False, batches), "compiled": Trainer(preset, True, batches)}
+        trainers = {mode: Trainer(preset, "cma", args.batch, compiled=mode == "compiled", shapes=SHAPES)
+                    for mode in ("eager", "compiled")}
         # warm-up: every shape once more than needed (compile, recompile as dynamic, allocator)
         warmup = {mode: sum(trainer.step() for _ in range(SHAPES + 1)) for mode, trainer in trainers.items()}
         times = {mode: [] for mode in trainers}

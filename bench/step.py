@@ -45,14 +45,22 @@ def make_batch(batch: int, image_size: int, generator: torch.Generator) -> dict:
 
 
 class Trainer:
-    def __init__(self, preset: str, fusion: str, batch: int):
+    """One training step at a time on `shapes` batches used in turn (titles of different lengths);
+    `compiled`: the model under torch.compile (bench/compile.py)."""
+
+    def __init__(self, preset: str, fusion: str, batch: int, compiled: bool = False, shapes: int = 1):
         torch.manual_seed(0)
-        self.model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0), TASKS).to(DEVICE).train()
-        self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.batch = make_batch(batch, self.model.config.image_size, torch.Generator().manual_seed(1))
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0), TASKS).to(DEVICE).train()
+        self.optimizer = build_optimizer(model, OptimConfig())
+        self.model = torch.compile(model) if compiled else model
+        generator = torch.Generator().manual_seed(1)
+        self.batches = [make_batch(batch, model.config.image_size, generator) for _ in range(shapes)]
+        self.taken = 0
+        self.parameters = sum(p.numel() for p in model.parameters())
 
     def step(self) -> float:
+        self.batch = self.batches[self.taken % len(self.batches)]
+        self.taken += 1
         autocast = torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
