@@ -17,6 +17,7 @@ import statistics
 
 import torch
 
+from cmaclip.distributed import quiet_libraries
 from step import DEVICE, Trainer  # bench/step.py: a training step on product-like batches
 
 SHAPES = 3  # distinct batches (title lengths) the runs cycle through
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
+    quiet_libraries()  # the title-length trim's graph break would be logged at every compilation
 
     print(f"device {DEVICE}, {torch.get_num_threads()} threads, batch {args.batch}, {SHAPES} title lengths "
           f"cycled, {args.repeats} interleaved repeats, median step time")
