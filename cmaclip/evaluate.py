@@ -30,6 +30,7 @@ import torch.distributed as dist
 from cmaclip import metrics as M
 from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
 from cmaclip.data.loader import build_loader, model_inputs
+from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
 
 PERTURBATIONS = ("none", "no-text", "no-image", "drop-words")
@@ -366,13 +367,19 @@ def resolve_model_dir(checkpoint: str | Path) -> Path:
 def load_model(checkpoint: str | Path, device="cpu"):
     from cmaclip.model import CMAClip
 
-    model = CMAClip.from_pretrained(resolve_model_dir(checkpoint))
+    model_dir = resolve_model_dir(checkpoint)
+    model = CMAClip.from_pretrained(model_dir)
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # its predictions would be NaN, which is not even valid JSON
+        raise DataError(f"{model_dir}: {len(broken)} weight tensors hold NaN/inf (first: {broken[0]}): "
+                        "the run that wrote it diverged; export an earlier checkpoint")
     return model.to(device).eval()
 
 
 def check_tasks(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint, shards) -> None:
     if dict(model_tasks) != dict(data_tasks):
-        raise ValueError(f"the model in {checkpoint} was trained on tasks/classes that differ from {shards}'s "
+        raise DataError(f"the model in {checkpoint} was trained on tasks/classes that differ from {shards}'s "
                          f"dataset.json (model tasks {list(model_tasks)}, shards tasks {list(data_tasks)}): "
                          "evaluate on shards written from the same catalogue")
 
@@ -403,6 +410,7 @@ def parse_args(argv):
     return args
 
 
+@command("cmaclip eval")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cmaclip.config import RunConfig

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from cmaclip.data.format import IMAGE, MODALITIES, TEXT
+from cmaclip.errors import command
 
 
 @dataclass
@@ -246,6 +247,7 @@ def run_with_model(command: str, args, work):
         sys.exit(2)
 
 
+@command("cmaclip predict")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     counts = run_with_model("predict", args, lambda model, device: predict_file(

@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from cmaclip.data.format import SPLITS
+from cmaclip.errors import CmaclipError
 
 JPEG_QUALITY = 92
 # Frame types every JPEG decoder we target handles (nvJPEG included): baseline and progressive
@@ -38,7 +39,7 @@ EXIF_ORIENTATION = 0x0112
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # .json: JSON Lines too (one object per line)
 
 
-class CatalogError(ValueError):
+class CatalogError(CmaclipError, ValueError):
     """The catalogue as a whole cannot be used (the message says why)."""
 
 
@@ -77,7 +78,9 @@ def skip_record(line: int, row_id: str | None, reason: str) -> dict:
 
 
 def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text",
-                 image_root: str | Path | None = None) -> Catalog:
+                 image_root: str | Path | None = None, contain: bool = True) -> Catalog:
+    """contain: an image path that leaves the image root (absolute, `..`, a symlink out) skips
+    its row; False reads any path the catalogue names."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"{path}: input catalogue not found")
@@ -91,6 +94,8 @@ def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text
             if isinstance(fields, BadRow):
                 raise fields
             row = make_row(line, fields, tasks, image_root)
+            if contain and row.image is not None:
+                require_inside(row.image, image_root)
             if row.id in first_line_of:
                 raise BadRow(f"duplicate id (first seen on line {first_line_of[row.id]})")
             first_line_of[row.id] = line
@@ -192,6 +197,16 @@ def id_text(value) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def require_inside(image: Path, root: Path) -> None:
+    try:
+        inside = image.resolve().is_relative_to(root.resolve())
+    except (OSError, ValueError):  # a NUL in the path, a symlink loop: prepare_image reports it
+        return
+    if not inside:
+        raise BadRow(f"image path leaves the image root {root}: {image} (pass --allow-outside-image-root "
+                     "to read it)")
 
 
 def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> CatalogRow:

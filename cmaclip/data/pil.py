@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from cmaclip.errors import DataError
+
 from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
 from .loader import READ_COMPONENTS, BatchLoader, normalize, rank_share
 
@@ -85,7 +87,7 @@ class SampleTable:
             for line_number, components in _read_index(index_path):
                 missing = [ext for ext in READ_COMPONENTS if ext not in components]
                 if missing:
-                    raise ValueError(f"{index_path} line {line_number}: sample lacks {missing}")
+                    raise DataError(f"{index_path} line {line_number}: sample lacks {missing}")
                 shard_of.append(shard_number)
                 offsets.append([components[ext][0] for ext in READ_COMPONENTS])
                 sizes.append([components[ext][1] for ext in READ_COMPONENTS])
@@ -127,11 +129,11 @@ def _read_index(index_path: str):
         header = file.readline().split()
         fields = {"v1.1": 3, "v1.2": 4}.get(header[0] if header else "")
         if fields is None:
-            raise ValueError(f"{index_path}: not a DALI webdataset index (header {header})")
+            raise DataError(f"{index_path}: not a DALI webdataset index (header {header})")
         for line_number, line in enumerate(file, start=2):
             tokens = line.split()
             if len(tokens) % fields:
-                raise ValueError(f"{index_path} line {line_number}: malformed entry")
+                raise DataError(f"{index_path} line {line_number}: malformed entry")
             yield line_number, {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2]))
                                 for i in range(0, len(tokens), fields)}
 
@@ -245,7 +247,7 @@ class PilLoader(BatchLoader):
         super().__init__(dataset, split, **arguments)
         table = SampleTable(dataset.shard_paths(split), dataset.index_paths(split))
         if len(table) != self.num_samples:
-            raise ValueError(f"{dataset.root}: dataset.json says split {split!r} has "
+            raise DataError(f"{dataset.root}: dataset.json says split {split!r} has "
                              f"{self.num_samples} samples, its .idx files list {len(table)}")
         self.maker = BatchMaker(self, table)
         self._stream = None  # the DataLoader iterator over a BatchStream

@@ -15,6 +15,8 @@
 #   ACCELERATE_CONFIG  accelerate config     (default launchers/accelerate/multinode-zero3.yaml)
 #   ACCELERATE      the accelerate executable                          (default: accelerate)
 #   EXTRA_LAUNCH_ARGS  more `accelerate launch` flags, e.g. "--deepspeed_config_file X.json"
+#   RDZV_TIMEOUT    seconds every node has to check in with node 0 (on MAIN_PORT + 1) before the
+#                   launch; a node missing then stops it with one line naming it  (default 300)
 set -euo pipefail
 
 NUM_NODES=${NUM_NODES:-1}
@@ -24,6 +26,13 @@ MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero3.yaml}
 ACCELERATE=${ACCELERATE:-accelerate}
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
+PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
+
+if [ "$NUM_NODES" -gt 1 ]; then
+  "$PYTHON" -m cmaclip.rendezvous --nodes "$NUM_NODES" --node-rank "$NODE_RANK" --addr "$MAIN_ADDR" \
+    --port "$((MAIN_PORT + 1))" --timeout "$RDZV_TIMEOUT"
+fi
 
 # Slurm's --signal=USR1@T may reach only this script, or every process of the step. The launcher
 # (torchrun's agent inside accelerate) must not die of it, so it starts with USR1 ignored (the
