@@ -13,12 +13,11 @@ state. Runs are interleaved (eager, compiled, eager, ...) and the median is repo
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 from cmaclip.distributed import quiet_libraries
-from step import DEVICE, Trainer  # bench/step.py: a training step on product-like batches
+from step import DEVICE, Trainer, interleaved  # bench/step.py: a training step on product-like batches
 
 SHAPES = 3  # distinct batches (title lengths) the runs cycle through
 
@@ -38,13 +37,8 @@ def main() -> None:
     for preset in args.presets.split(","):
         trainers = {mode: Trainer(preset, "cma", args.batch, compiled=mode == "compiled", shapes=SHAPES)
                     for mode in ("eager", "compiled")}
-        # warm-up: every shape once more than needed (compile, recompile as dynamic, allocator)
-        warmup = {mode: sum(trainer.step() for _ in range(SHAPES + 1)) for mode, trainer in trainers.items()}
-        times = {mode: [] for mode in trainers}
-        for _ in range(args.repeats):
-            for mode, trainer in trainers.items():
-                times[mode].append(trainer.step())
-        medians = {mode: statistics.median(values) for mode, values in times.items()}
+        # warm-up: every shape once more than needed (compile, recompile as dynamic)
+        warmup, medians = interleaved(trainers, warmup_steps=SHAPES + 1, repeats=args.repeats)
         for mode in trainers:
             print(f"{preset:<10} {mode:<9} {warmup[mode]:>14.1f} {medians[mode] * 1e3:>9.1f}")
         speedup = medians["eager"] / medians["compiled"]

@@ -75,6 +75,18 @@ class Trainer:
         return time.perf_counter() - start
 
 
+def interleaved(trainers: dict, warmup_steps: int, repeats: int) -> tuple[dict, dict]:
+    """-> ({name: seconds of its warm-up steps}, {name: median step seconds}) of trainers stepped in
+    turn (a, b, a, b, ...), so that a change in the machine's load hits them alike."""
+    # warm-up: allocator, kernels, optimizer state (and compilation)
+    warmup = {name: sum(trainer.step() for _ in range(warmup_steps)) for name, trainer in trainers.items()}
+    times = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.step())
+    return warmup, {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,vit-b-32")
@@ -87,13 +99,7 @@ def main() -> None:
     ratio = None
     for preset in args.presets.split(","):
         trainers = {fusion: Trainer(preset, fusion, args.batch) for fusion in ("cma", "concat")}
-        for trainer in trainers.values():  # warm-up: allocator, kernels, optimizer state
-            trainer.step()
-        times = {fusion: [] for fusion in trainers}
-        for _ in range(args.repeats):
-            for fusion, trainer in trainers.items():
-                times[fusion].append(trainer.step())
-        medians = {fusion: statistics.median(values) for fusion, values in times.items()}
+        _, medians = interleaved(trainers, warmup_steps=1, repeats=args.repeats)
         for fusion, trainer in trainers.items():
             print(f"{preset:<10} {fusion:<7} {trainer.parameters / 1e6:>10.2f}M {medians[fusion] * 1e3:>9.1f}")
         ratio = medians["cma"] / medians["concat"]
