@@ -41,7 +41,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     if deepspeed and device == "cpu":
         skip_deepspeed_shm_op()
-    if cuda:
+    if device == "cuda":
         # TF32 tensor cores for the fp32 matrix products left outside bf16 autocast (and for
         # mixed_precision=no): about 8x an A100's fp32 rate, at a 10-bit mantissa
         torch.set_float32_matmul_precision("high")
