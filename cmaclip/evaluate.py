@@ -199,7 +199,7 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["predicted"].append(torch.stack(predicted, dim=1).cpu().numpy())
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
-        for name, head_logits in output.unimodal_logits.items():
+        for name, head_logits in getattr(output, "unimodal_logits", {}).items():  # models with unimodal heads
             predicted = torch.stack([head_logits[task].argmax(dim=-1) for task in tasks], dim=1)
             parts.setdefault(f"predicted_{name}", []).append(predicted.cpu().numpy())
             parts.setdefault(f"has_{name}", []).append(batch["modality_mask"][:, MODALITIES.index(name)].cpu().numpy())
