@@ -222,6 +222,20 @@ def test_unimodal_heads_learn_from_the_samples_that_have_their_modality():
     assert tiny(unimodal_loss_weight=0).unimodal_heads is None and tiny("text").unimodal_heads is None
 
 
+@pytest.mark.parametrize("when_missing", [True, False])
+def test_a_sample_with_one_modality_is_predicted_by_that_modalitys_head(when_missing):
+    model = tiny(unimodal_when_missing=when_missing)
+    batch = make_batch([3, 5, 8])
+    batch["modality_mask"] = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model(**batch)
+    for task in TASKS:
+        heads = out.unimodal_logits
+        assert torch.equal(out.logits[task][0], heads["text"][task][0]) == when_missing
+        assert torch.equal(out.logits[task][1], heads["image"][task][1]) == when_missing
+        assert not torch.equal(out.logits[task][2], heads["text"][task][2])
+
+
 def test_modality_dropout_is_applied_in_training():
     model = tiny(modality_dropout=0.99).train()
     weights = model(**make_batch([3] * 16)).modality_weights[:, 0]  # [B, 2] of the first task

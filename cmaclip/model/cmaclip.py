@@ -177,6 +177,8 @@ class CMAClip(nn.Module):
             embeddings = (text_cls, image_cls) if self.config.unimodal_heads_input == "fused" else clip_embeddings
             unimodal_logits = {name: {task: head(embeddings[m]) for task, head in zip(self.task_names, heads)}
                                for m, (name, heads) in enumerate(self.unimodal_heads.items())}
+        if unimodal_logits and self.config.unimodal_when_missing and not self.training:
+            logits = with_unimodal_when_missing(logits, unimodal_logits, present)
         output = CMAClipOutput(logits=logits, modality_weights=weights.float(), attentions=attentions,
                                text_length=text_length, unimodal_logits=unimodal_logits)
         if labels is not None:
@@ -277,6 +279,17 @@ class CMAClip(nn.Module):
         model = cls(ModelConfig(**saved["model"]), saved["tasks"], clip_config=saved["clip"])
         model.load_state_dict(load_file(str(weights_path)))
         return model.to(map_location)
+
+
+def with_unimodal_when_missing(logits: dict[str, torch.Tensor], unimodal_logits: dict[str, dict[str, torch.Tensor]],
+                               present: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused logits, except for samples that have one modality only: there the logits of that
+    modality's unimodal head."""
+    text_only = (present[:, TEXT] & ~present[:, IMAGE])[:, None]
+    image_only = (present[:, IMAGE] & ~present[:, TEXT])[:, None]
+    return {task: torch.where(text_only, unimodal_logits["text"][task],
+                              torch.where(image_only, unimodal_logits["image"][task], fused))
+            for task, fused in logits.items()}
 
 
 def drop_one_modality(present: torch.Tensor, probability: float) -> torch.Tensor:

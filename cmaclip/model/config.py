@@ -93,6 +93,10 @@ class ModelConfig:
     """Where the unimodal heads read: fused (T'[EOT] and I'[CLS], after the sequence attention)
     | clip (the CLIP embeddings, before it)."""
 
+    unimodal_when_missing: bool = False
+    """Evaluation and prediction of a model with unimodal heads: a sample with one modality only
+    (no title, or no photo) gets the prediction of that modality's head instead of the fused head's."""
+
     label_smoothing: float = 0.0
     """Label smoothing of every task's cross entropy."""
 
