@@ -155,10 +155,13 @@ def test_task_weights_and_label_smoothing_enter_the_loss():
 
 def test_heads_read_the_weighted_sum_of_eot_and_cls_taken_from_the_attended_sequence(cma):
     """Head input of task k = w_k,text * T'[EOT] + w_k,image * I'[CLS], both read from the sequence
-    attention's output at the EOT and the image [CLS] positions; the unimodal heads read them alone."""
+    attention's output at the EOT and the image [CLS] positions; the unimodal heads read CLIP's
+    T[EOT] and I[CLS] (the projected encoder states at the same positions, before that attention)."""
     batch = make_batch([3, 9])
     seen = {}
-    hooks = [cma.sequence_attention.register_forward_hook(lambda m, i, out: seen.__setitem__("sequence", out[0]))]
+    hooks = [cma.sequence_attention.register_forward_hook(lambda m, i, out: seen.__setitem__("sequence", out[0])),
+             cma.backbone.text_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("T", out)),
+             cma.backbone.visual_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("I", out))]
     for name, heads in [("fused", cma.heads), *cma.unimodal_heads.items()]:
         for k, head in enumerate(heads):
             hooks.append(head.register_forward_pre_hook(lambda m, args, key=(name, k): seen.__setitem__(key, args[0])))
@@ -178,9 +181,8 @@ def test_heads_read_the_weighted_sum_of_eot_and_cls_taken_from_the_attended_sequ
     for k in range(len(TASKS)):
         expected = weights[:, k, :1] * text + weights[:, k, 1:] * image
         torch.testing.assert_close(seen[("fused", k)], expected)
-        if cma.config.unimodal_heads_input == "fused":
-            torch.testing.assert_close(seen[("text", k)], text)
-            torch.testing.assert_close(seen[("image", k)], image)
+        torch.testing.assert_close(seen[("text", k)], seen["T"][torch.arange(2), eot])
+        torch.testing.assert_close(seen[("image", k)], seen["I"][:, 0])
 
 
 def test_eot_and_cls_embeddings_are_clips_own_text_and_image_features():
@@ -279,7 +281,7 @@ def test_a_model_saved_before_the_unimodal_heads_loads_and_an_unknown_format_is_
     old = tiny(unimodal_loss_weight=0)  # format 1 had no unimodal heads and no key for them
     old.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["model"]["unimodal_loss_weight"], saved["model"]["unimodal_heads_input"]
+    del saved["model"]["unimodal_loss_weight"], saved["model"]["unimodal_when_missing"]
     (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
     loaded = CMAClip.from_pretrained(tmp_path).eval()
     batch = make_batch([3, 4])

@@ -4,8 +4,9 @@
     image        -> CLIP vision encoder -> post_layernorm + visual_proj. --+ + type[image]
     [T; I] (text padding and missing modalities masked) -> SequenceAttention -> T'[EOT], I'[CLS]
     per task k: keyless attention over (T'[EOT], I'[CLS]) -> fused_k -> head_k -> logits_k
-    per task k (fused variants): text head_k(T'[EOT]), image head_k(I'[CLS]) -> unimodal logits,
-                trained with an auxiliary loss so that each encoder learns its own modality
+    per task k (fused variants): text head_k(T[EOT]), image head_k(I[CLS]) on the CLIP embeddings ->
+                unimodal logits, trained with an auxiliary loss so that each encoder learns its
+                own modality; they answer for a sample that has only their modality
 
 The fusion variants (`model.fusion`) change only what reaches the heads, for a fair ablation:
 cma-no-modality replaces the modality attention by the mean over present modalities; concat,
@@ -174,8 +175,7 @@ class CMAClip(nn.Module):
         logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
         unimodal_logits = {}
         if self.unimodal_heads is not None:
-            embeddings = (text_cls, image_cls) if self.config.unimodal_heads_input == "fused" else clip_embeddings
-            unimodal_logits = {name: {task: head(embeddings[m]) for task, head in zip(self.task_names, heads)}
+            unimodal_logits = {name: {task: head(clip_embeddings[m]) for task, head in zip(self.task_names, heads)}
                                for m, (name, heads) in enumerate(self.unimodal_heads.items())}
         if unimodal_logits and self.config.unimodal_when_missing and not self.training:
             logits = with_unimodal_when_missing(logits, unimodal_logits, present)

@@ -84,16 +84,14 @@ class ModelConfig:
 
     unimodal_loss_weight: float = 1.0
     """Fused variants (cma, cma-no-modality, concat): each task also gets a text-only and an
-    image-only head, and their cross entropies (each over the samples that have the modality),
+    image-only head on CLIP's own T[EOT] / I[CLS] embeddings (before the sequence attention, so a
+    head sees the same input whether or not the other modality is there), and their cross
+    entropies (each over the samples that have the modality),
     times this weight, join the loss. It makes each encoder learn its own modality: without it
     the fused model learns whichever modality is easiest to fit and leaves the other untrained
     (docs/RESULTS.md). 0 = no unimodal heads (a model without them saves and loads as before)."""
 
-    unimodal_heads_input: str = "fused"
-    """Where the unimodal heads read: fused (T'[EOT] and I'[CLS], after the sequence attention)
-    | clip (the CLIP embeddings, before it)."""
-
-    unimodal_when_missing: bool = False
+    unimodal_when_missing: bool = True
     """Evaluation and prediction of a model with unimodal heads: a sample with one modality only
     (no title, or no photo) gets the prediction of that modality's head instead of the fused head's."""
 
@@ -126,8 +124,6 @@ class ModelConfig:
         for name in ("head_hidden", "image_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}: must be >= 0 (0 = default), got {getattr(self, name)}")
-        if self.unimodal_heads_input not in ("fused", "clip"):
-            raise ValueError(f"model.unimodal_heads_input: {self.unimodal_heads_input!r} is not one of fused, clip")
         if self.unimodal_loss_weight < 0:
             raise ValueError(f"model.unimodal_loss_weight: must be >= 0, got {self.unimodal_loss_weight}")
         for name in ("dropout", "modality_dropout", "label_smoothing"):
