@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmaclip.errors import command
 from cmaclip.evaluate import PERTURBATIONS
 from cmaclip.files import write_json_atomic
 
@@ -367,6 +368,7 @@ def parse_args(argv):
     return args
 
 
+@command("cmaclip ablate")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cmaclip.config import ConfigError

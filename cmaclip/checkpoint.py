@@ -19,12 +19,13 @@ import json
 import os
 import re
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
 
 from cmaclip.config import ConfigError
+from cmaclip.errors import CmaclipError, disk_error
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -33,6 +34,10 @@ TMP_PREFIX = ".tmp-"
 # accelerator.save_state names the first (only) DeepSpeed model's checkpoint tag like this.
 DEEPSPEED_TAG = "pytorch_model"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(CmaclipError):
+    """No usable checkpoint where one was asked for."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -74,8 +79,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, loader, keep_last: int) -> Path:
-    """Every rank calls this at the same step. Returns the checkpoint folder."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, loader, keep_last: int,
+                    extra_state: dict | None = None) -> Path:
+    """Every rank calls this at the same step. Returns the checkpoint folder. extra_state: more
+    trainer_state.json entries (the run's config). A failed write (disk full) removes the staging
+    folder, so it does not keep the disk full, and raises DiskError naming it and the free space."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / checkpoint_name(step)
     staging = root / f"{TMP_PREFIX}{final.name}"
@@ -84,13 +92,15 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, loader, keep
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    accelerator.save_state(str(staging))
-    torch.save(loader.state_dict(), staging / loader_state_name(accelerator.process_index))
+    with cleaned_up_on_failure(staging):
+        accelerator.save_state(str(staging))
+        torch.save(loader.state_dict(), staging / loader_state_name(accelerator.process_index))
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        state = {"step": step, "world_size": accelerator.num_processes}
-        (staging / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+        state = {"step": step, "world_size": accelerator.num_processes, **(extra_state or {})}
+        with cleaned_up_on_failure(staging):
+            (staging / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():  # saved before (a resumed run that ends where it resumed): swap it out
             replaced = root / f"{TMP_PREFIX}old-{final.name}"
             final.rename(replaced)
@@ -101,6 +111,19 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, loader, keep
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def cleaned_up_on_failure(staging: Path):
+    """torch.save reports a full disk as a RuntimeError ("file write failed", "basic_ios::clear"),
+    safetensors as SafetensorError, DeepSpeed as OSError: all of them end the save here."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise disk_error(staging, error) from error
 
 
 def load_checkpoint(accelerator, checkpoint: str | Path, loader) -> int:
@@ -154,7 +177,8 @@ def export_model(accelerator, model, checkpoint: Path, output_dir: str | Path) -
 
             with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # its progress prints
                 state_dict = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        with cleaned_up_on_failure(staging):
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -20,13 +20,16 @@ from pathlib import Path
 import yaml
 
 from cmaclip.data.config import DataConfig
+from cmaclip.errors import CmaclipError
 from cmaclip.model.config import ModelConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(CmaclipError, ValueError):
     """A config key or value that cannot be used; the message names the key and its source."""
+
+    exit_code = 2  # like a usage error
 
 
 @dataclass
@@ -113,12 +116,23 @@ class TrainConfig:
     """Evaluate on `data.eval_split` every this many optimizer steps (and at the end); 0 = only at
     the end. Skipped when the shards have no such split."""
 
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is NaN/inf on any rank is skipped (counted in the
+    train/nonfinite_steps scalar); this many in a row stop the run with one message (the run
+    diverged; its checkpoints hold only finite weights)."""
+
     export: bool = True
     """At the end, write output_dir/model/: consolidated fp32 weights + config, loadable without
     DeepSpeed (CMAClip.from_pretrained)."""
 
+    compile: bool = False
+    """torch.compile the model (inductor, through Accelerate: after the DDP wrap, or the DeepSpeed
+    engine's module in place). The first steps pay minutes of compilation (and recompile for new
+    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py: 0.96x tiny,
+    1.06x ViT-B/32), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
+
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last"):
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "eval_every"):

@@ -9,13 +9,15 @@ What this file settles (see PLATFORM-NOTES.md for the failures behind each rule)
   passed to `accelerator.prepare` (it is already sharded per rank) and Accelerate cannot infer
   them from it.
 - ZeRO-3 sometimes aborts at interpreter exit unless the process group is destroyed first.
-- SIGUSR1 (Slurm's warning before the time limit) asks every rank to stop at the same step.
+- SIGUSR1 (Slurm's warning before the time limit) or SIGTERM asks every rank to stop at the same
+  step; a rank whose launcher dies gets SIGTERM (it never trains on as an orphan).
 """
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import warnings
 
 import torch
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from cmaclip import errors
 from cmaclip.config import ConfigError, RunConfig
 
 
@@ -38,6 +41,10 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not cuda:
         skip_deepspeed_shm_op()
+    if cuda:
+        # TF32 tensor cores for the fp32 matrix products left outside bf16 autocast (and for
+        # mixed_precision=no): about 8x an A100's fp32 rate, at a 10-bit mantissa
+        torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(
         # cpu=True selects Accelerate's MULTI_CPU set-up, which skips DeepSpeed's: a DeepSpeed
         # launch without CUDA lands on the CPU anyway, through the gloo backend below
@@ -46,6 +53,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         gradient_accumulation_steps=config.train.grad_accum_steps,
         # the schedule counts optimizer steps; the default would advance it once per process
         step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if config.train.compile else "no",
         # a single process has no process group at all; naming a backend would ask for one
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched and not cuda else [],
     )
@@ -65,7 +73,7 @@ def skip_deepspeed_shm_op() -> None:
 def check_world_size(accelerator: Accelerator) -> None:
     expected = int(os.environ.get("WORLD_SIZE", 1))
     if accelerator.num_processes != expected:
-        raise RuntimeError(
+        raise ConfigError(
             f"the launcher asked for {expected} processes (WORLD_SIZE) but Accelerate set up "
             f"{accelerator.num_processes} ({accelerator.distributed_type}): on a CPU-only machine use "
             f"launchers/accelerate/cpu.yaml (distributed_type MULTI_GPU + use_cpu), see launchers/README.md")
@@ -111,7 +119,8 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "torch.distributed.elastic"):
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "torch.distributed.elastic",
+                 "torch._dynamo", "torch._logging"):  # train.compile: one expected graph break per step
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|accelerate|deepspeed|transformers)\b")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -127,19 +136,23 @@ def shutdown(accelerator: Accelerator, wait: bool = True) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 -> stop cleanly at the next step boundary, on all ranks at the same step.
+    """SIGUSR1 or SIGTERM -> stop cleanly at the next step boundary, on all ranks at the same step.
 
-    The signal may reach only some ranks (one node of several) or reach them during different
-    steps, so each step boundary agrees on it with one tiny all-reduce (MAX) before anyone acts.
+    Slurm sends SIGUSR1 before a time limit (--signal) and SIGTERM on scancel, preemption and a
+    time limit without --signal; torchrun's agent passes SIGTERM on when its own launcher is
+    stopped. The signal may reach only some ranks (one node of several) or reach them during
+    different steps, so each step boundary agrees on it with one tiny all-reduce (MAX) before
+    anyone acts.
     """
 
-    def __init__(self, signals=(signal.SIGUSR1,)):
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.requested = False
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        errors.received_signal = signal.Signals(signum).name
 
     def agreed(self, accelerator: Accelerator) -> bool:
         if accelerator.num_processes == 1:
@@ -147,3 +160,17 @@ class StopRequest:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to send this process SIGTERM when its parent (the launcher) dies, by any signal,
+    kill -9 included, so a rank is never left training on its own: SIGTERM is a stop request, so
+    it saves a checkpoint and exits. Nothing to do without a launcher or off Linux."""
+    if os.environ.get("LOCAL_RANK") is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the request: nothing trained yet, just end
+        os.kill(os.getpid(), signal.SIGTERM)

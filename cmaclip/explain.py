@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from cmaclip.errors import command
 from cmaclip.predict import batched, encode_products, product_input_parser, read_products, reported, run_with_model
 
 DISPLAY_WIDTH = 448
@@ -245,6 +246,7 @@ def parse_args(argv):
     return args
 
 
+@command("cmaclip explain")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rows = run_with_model("explain", args, lambda model, device: explain_file(

@@ -6,7 +6,7 @@ ZeRO-1/2/3 (the accelerate config names the ds_config; its "auto" values come fr
 Each step: `grad_accum_steps` micro-batches from the rank's own loader shard, AdamW with one
 learning rate for the CLIP backbone and one for the new layers, warmup + cosine. Around it:
 TensorBoard and a progress bar on rank 0, periodic evaluation, atomic checkpoints every
-`train.save_every` steps, a clean stop on SIGUSR1, and the export of the final model.
+`train.save_every` steps, a clean stop on SIGUSR1 or SIGTERM, and the export of the final model.
 """
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmaclip import checkpoint
-from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_yaml
+from cmaclip import checkpoint, resume, runlock
+from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
 from cmaclip.data.loader import build_loader, model_inputs
-from cmaclip.distributed import (StopRequest, fill_deepspeed_config, make_accelerator, quiet_libraries,
-                                 shutdown, uses_deepspeed)
+from cmaclip.distributed import (StopRequest, die_with_launcher, fill_deepspeed_config, make_accelerator,
+                                 quiet_libraries, shutdown, uses_deepspeed)
+from cmaclip.errors import command
+from cmaclip.guard import NonFiniteGuard
+from cmaclip.telemetry import Telemetry
 
-# Written into output_dir by a run that stopped on SIGUSR1 before max_steps (Slurm requeues on it).
+# Written into output_dir by a run that stopped on SIGUSR1/SIGTERM before max_steps (Slurm requeues on it).
 PREEMPTED_MARKER = "PREEMPTED"
 # Parameters of these modules never get weight decay (nor do biases, other 1-d parameters, and
 # learned vectors named *embedding: position, class and modality embeddings).
@@ -121,8 +124,8 @@ class StepStats:
                 "data_wait_fraction": values[k + 1] / max(values[k + 2], 1e-12)}
 
 
-def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig):
-    """One optimizer step over `grad_accum_steps` micro-batches.
+def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig, guard: NonFiniteGuard):
+    """One optimizer step over `grad_accum_steps` micro-batches (skipped by `guard` if non-finite).
     -> (mean loss, mean task losses, seconds waiting for data), all of this rank."""
     sums, data_wait = 0.0, 0.0  # sums: [loss, *task losses] in float64 on the device
     accumulation = config.train.grad_accum_steps
@@ -136,16 +139,14 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
         data_wait += time.perf_counter() - waited
         with accelerator.accumulate(model):
             output = model(**model_inputs(batch, with_labels=True))
+            # DeepSpeed steps in here (clipping per gradient_clipping in the ds_config)
             accelerator.backward(output.loss)
-            # DeepSpeed clips inside its step (gradient_clipping in the ds_config)
-            if accelerator.sync_gradients and config.optim.grad_clip > 0 and not uses_deepspeed(accelerator):
-                accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         # summed on the device and read once per step: one host sync, not one per task and micro-batch
         sums = sums + torch.stack([output.loss.detach(), *output.task_losses.values()]).double()
-    scheduler.step()
-    loss, *task_losses = (sums / accumulation).tolist()
+    applied, (loss, *task_losses) = guard.step(model, optimizer, accelerator, config.optim.grad_clip,
+                                               sums / accumulation, deepspeed=uses_deepspeed(accelerator))
+    if applied:
+        scheduler.step()
     return loss, task_losses, data_wait
 
 
@@ -173,15 +174,15 @@ class Monitor:
             self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             unit="step")
 
-    def log_step(self, values: dict[str, float], step: int) -> None:
-        """A logging step's values (means over its window and all ranks)."""
+    def log_step(self, values: dict[str, float], step: int, efficiency: str = "") -> None:
+        """A logging step's values (means over its window and all ranks); `efficiency` ends its line."""
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
         if self.step_lines:
             print(f"step {step}/{self.max_steps}: loss {values['loss']:.4f}, "
                   f"{values['samples_per_second']:.1f} samples/s, lr {values['lr']:.2e}, "
-                  f"waiting for data {values['data_wait_fraction']:.0%}", flush=True)
+                  f"waiting for data {values['data_wait_fraction']:.0%}{efficiency}", flush=True)
 
     def progress(self, loss: float, samples_per_second: float | None) -> None:
         """samples_per_second: the latest measurement (None until the first log step)."""
@@ -225,10 +226,12 @@ def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
 def train(config: RunConfig) -> int:
     """Run (or continue) the training `config` describes. Returns the step it stopped at."""
     quiet_libraries()
+    die_with_launcher()
     accelerator = make_accelerator(config)
     finished = False
     try:
-        step = run(config, accelerator)
+        with runlock.held(config.output_dir, accelerator.is_main_process):
+            step = run(config, accelerator)
         finished = True
         return step
     finally:
@@ -248,6 +251,7 @@ def run(config: RunConfig, accelerator) -> int:
     dataset = load_dataset_info(config.data.shards)
     model = CMAClip(config.model, dataset.tasks)
     train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
+    telemetry = Telemetry(model, config, accelerator)  # counts on the plain model: before prepare
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     if uses_deepspeed(accelerator):
@@ -256,18 +260,21 @@ def run(config: RunConfig, accelerator) -> int:
                               hidden_size=max(clip.text_config.hidden_size, clip.vision_config.hidden_size))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step = 0
+    step, notes = 0, []
     if resume_from is not None:
-        step = checkpoint.load_checkpoint(accelerator, resume_from, train_loader)
+        resume_from, step = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(config))
+        resume.record_config(output_dir, config)
         (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     monitor = Monitor(config, accelerator, step)
+    for note in notes:
+        monitor.line(note)
     if resume_from is not None:
         monitor.line(f"resumed from {resume_from} at step {step}")
     monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
                  f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
+    monitor.line(telemetry.opening_line())
+    telemetry.log_start(monitor.writer, step)
 
     def evaluate() -> None:
         # evaluation never shifts the training's random stream: a run with and without periodic
@@ -277,8 +284,13 @@ def run(config: RunConfig, accelerator) -> int:
         log_evaluation(monitor.writer, result, step)
         monitor.line(f"step {step}: {result.summary()}")
 
+    def save(at_step: int) -> Path:
+        return checkpoint.save_checkpoint(accelerator, output_dir, at_step, train_loader, config.train.keep_last,
+                                          extra_state={"config": to_dict(config)})
+
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps)
     stats = StepStats(list(dataset.tasks))
     batches = endless(train_loader)
     saved_step, saved = (step, resume_from) if resume_from is not None else (None, None)
@@ -286,16 +298,18 @@ def run(config: RunConfig, accelerator) -> int:
     model.train()
     while step < config.train.max_steps:
         started = time.perf_counter()
-        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config)
+        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config, guard)
         step += 1
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
             values = stats.reduce(accelerator)
-            samples_per_second = samples_per_step * stats.steps / (time.perf_counter() - stats.started)
+            elapsed = time.perf_counter() - stats.started
+            samples_per_second = samples_per_step * stats.steps / elapsed
             learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
             values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
-                          samples_per_second=samples_per_second)
-            monitor.log_step(values, step)
+                          samples_per_second=samples_per_second, nonfinite_steps=guard.skipped)
+            values.update(telemetry.window(values, elapsed))
+            monitor.log_step(values, step, telemetry.step_text(values))
             stats.reset()
         monitor.progress(loss, samples_per_second)
         last_step = step == config.train.max_steps
@@ -304,25 +318,26 @@ def run(config: RunConfig, accelerator) -> int:
             evaluate()
             stats.reset()
         if config.train.save_every and step % config.train.save_every == 0 and not last_step:
-            saved_step, saved = step, checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader,
-                                                                 config.train.keep_last)
+            saved_step, saved = step, save(step)
             stats.reset()
         if not last_step and stop.agreed(accelerator):
             if saved_step != step:
-                checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+                save(step)
             if accelerator.is_main_process:
                 (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
-            monitor.line(f"stopped on SIGUSR1 at step {step}; checkpoint saved, resume with train.resume=auto")
+            monitor.line(f"stopped on SIGUSR1/SIGTERM at step {step}; checkpoint saved, resume with train.resume=auto")
             monitor.close()
             return step
 
     if eval_loader is not None:
         evaluate()
     if saved_step != step:
-        saved = checkpoint.save_checkpoint(accelerator, output_dir, step, train_loader, config.train.keep_last)
+        saved = save(step)
     if config.train.export:
         exported = checkpoint.export_model(accelerator, model, saved, output_dir)
         monitor.line(f"exported the model to {exported}")
+    monitor.line(telemetry.closing_line())
+    telemetry.log_end(monitor.writer, step)
     monitor.close()
     return step
 
@@ -344,6 +359,7 @@ def parse_args(argv):
     return parser.parse_intermixed_args(argv)
 
 
+@command("cmaclip train")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.keys:

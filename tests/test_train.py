@@ -142,21 +142,23 @@ def test_resume_settings(tmp_path):
 
 def test_a_launcher_that_started_fewer_processes_is_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="asked for 2 processes.*set up 1"):
+    with pytest.raises(ConfigError, match="asked for 2 processes.*set up 1"):
         check_world_size(SimpleNamespace(num_processes=1, distributed_type="NO"))
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
 
 
-def test_sigusr1_requests_a_stop():
-    previous = signal.getsignal(signal.SIGUSR1)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_sigusr1_and_sigterm_request_a_stop(sig):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         stop = StopRequest()
         accelerator = SimpleNamespace(num_processes=1)
         assert not stop.agreed(accelerator)
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), sig)
         assert stop.agreed(accelerator)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log-file"])

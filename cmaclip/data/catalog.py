@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from cmaclip.data.format import SPLITS
+from cmaclip.errors import CmaclipError
 
 JPEG_QUALITY = 92
 # Frame types every JPEG decoder we target handles (nvJPEG included): baseline and progressive
@@ -38,7 +39,7 @@ EXIF_ORIENTATION = 0x0112
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # .json: JSON Lines too (one object per line)
 
 
-class CatalogError(ValueError):
+class CatalogError(CmaclipError, ValueError):
     """The catalogue as a whole cannot be used (the message says why)."""
 
 
@@ -77,7 +78,11 @@ def skip_record(line: int, row_id: str | None, reason: str) -> dict:
 
 
 def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text",
-                 image_root: str | Path | None = None) -> Catalog:
+                 image_root: str | Path | None = None, contain: bool = True,
+                 require_labels: bool = True) -> Catalog:
+    """contain: an image path that leaves the image root (absolute, `..`, a symlink out) skips
+    its row; False reads any path the catalogue names. require_labels: a row without any label is
+    skipped (False: kept, for a catalogue to predict)."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"{path}: input catalogue not found")
@@ -90,14 +95,16 @@ def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text
         try:
             if isinstance(fields, BadRow):
                 raise fields
-            row = make_row(line, fields, tasks, image_root)
+            row = make_row(line, fields, tasks, image_root, require_labels)
+            if contain and row.image is not None:
+                require_inside(row.image, image_root)
             if row.id in first_line_of:
                 raise BadRow(f"duplicate id (first seen on line {first_line_of[row.id]})")
             first_line_of[row.id] = line
             rows.append(row)
         except BadRow as error:
             skipped.append(skip_record(line, raw_id, str(error)))
-    if path.suffix.lower() in JSONL_SUFFIXES:
+    if path.suffix.lower() in JSONL_SUFFIXES and require_labels:
         require_every_task_used(path, tasks, rows)
     return Catalog(path=path, rows=rows, skipped=skipped)
 
@@ -194,7 +201,18 @@ def id_text(value) -> str | None:
     return text or None
 
 
-def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> CatalogRow:
+def require_inside(image: Path, root: Path) -> None:
+    try:
+        inside = image.resolve().is_relative_to(root.resolve())
+    except (OSError, ValueError):  # a NUL in the path, a symlink loop: prepare_image reports it
+        return
+    if not inside:
+        raise BadRow(f"image path leaves the image root {root}: {image} (pass --allow-outside-image-root "
+                     "to read it)")
+
+
+def make_row(line: int, fields: dict, tasks: list[str], image_root: Path,
+             require_labels: bool = True) -> CatalogRow:
     row_id = id_text(fields["id"])
     if row_id is None:
         raise BadRow("id: missing or empty" if fields["id"] is None or isinstance(fields["id"], str) else
@@ -221,7 +239,7 @@ def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> Cat
             raise BadRow(f"labels.{task}: expected a string or integer, got {type(value).__name__} {value!r}"[:200])
         if value is not None and str(value).strip():
             labels[task] = str(value).strip()
-    if not labels:
+    if not labels and require_labels:
         raise BadRow(f"no label for any task ({', '.join(tasks)})")
 
     split = fields["split"]

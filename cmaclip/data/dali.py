@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
+from cmaclip.errors import DataError
+
 from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, normalize
 
 READER_NAME = "Reader"
@@ -152,7 +154,13 @@ class DaliLoader(BatchLoader):
         # The dynamic executor (DALI 2's default) hands each run fresh buffers: share, don't copy.
         copy = not self.pipeline.exec_dynamic
         for _ in range(len(self) - position):
-            outputs = self.pipeline.run()
+            try:
+                outputs = self.pipeline.run()
+            except RuntimeError as error:  # DALI names neither the shard nor the sample
+                from .integrity import find_damage
+
+                raise DataError(f"DALI failed reading split {self.split!r} of {self.dataset.root} "
+                                f"({str(error).strip().splitlines()[0][:120]}): {find_damage(self.dataset, self.split)}") from error
             with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
                 if self.crops_on_host:
                     images = finish_crops(*outputs[:2], self._buffers.take(

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmaclip.errors import DataError
+
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "val", "test")
@@ -95,7 +97,7 @@ class DatasetInfo:
     def _split(self, split: str) -> SplitInfo:
         info = self.splits.get(split)
         if info is None or info.samples == 0:
-            raise ValueError(f"{self.root / DATASET_FILE}: split {split!r} has no samples "
+            raise DataError(f"{self.root / DATASET_FILE}: split {split!r} has no samples "
                              f"(splits with samples: {[s for s, i in self.splits.items() if i.samples]})")
         return info
 
@@ -105,15 +107,21 @@ def load_dataset_info(shards_dir: str | Path) -> DatasetInfo:
     path = root / DATASET_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {root} a folder written by `cmaclip shards`?")
-    raw = json.loads(path.read_text())
-    version = raw.get("format_version")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error}); rewrite it with `cmaclip shards`") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r}, this cmaclip reads {FORMAT_VERSION}")
-    return DatasetInfo(
-        root=root,
-        tasks={task: list(classes) for task, classes in raw["tasks"].items()},
-        splits={name: SplitInfo(s["samples"], list(s["shards"])) for name, s in raw["splits"].items()},
-        context_length=int(raw["context_length"]),
-        skipped=list(raw.get("skipped", [])),
-        raw=raw,
-    )
+        raise DataError(f"{path}: format_version {version!r}, this cmaclip reads {FORMAT_VERSION}")
+    try:
+        return DatasetInfo(
+            root=root,
+            tasks={task: list(classes) for task, classes in raw["tasks"].items()},
+            splits={name: SplitInfo(int(s["samples"]), list(s["shards"])) for name, s in raw["splits"].items()},
+            context_length=int(raw["context_length"]),
+            skipped=list(raw.get("skipped", [])),
+            raw=raw,
+        )
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise DataError(f"{path}: malformed ({type(error).__name__}: {error}); rewrite it with `cmaclip shards`") from None

@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig
+from cmaclip.errors import DataError
+
 from .format import EOT_TOKEN_ID, DatasetInfo, load_dataset_info
+from .integrity import check_split_files
 
 # CLIP's image normalization (the statistics its encoders were trained with).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,11 +82,12 @@ class BatchLoader:
         self.dataset, self.split, self.config = dataset, split, config
         self.num_samples = dataset.num_samples(split)
         if self.num_samples < world_size:  # DALI's reader refuses it, and a rank would read nothing
-            raise ValueError(f"{dataset.root}: split {split!r} has {self.num_samples} samples, "
+            raise DataError(f"{dataset.root}: split {split!r} has {self.num_samples} samples, "
                              f"fewer than the {world_size} ranks; every rank needs at least one")
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device = torch.device(device)
+        self.num_classes = torch.tensor([len(classes) for classes in dataset.tasks.values()])
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded
 
@@ -110,6 +114,8 @@ class BatchLoader:
         rows = torch.arange(first_row, first_row + self.batch_size)
         index = raw["index"].reshape(-1).long().cpu()
         index[rows >= real_samples] = -1
+        if raw["labels"].device.type == "cpu":  # a check on the device would cost a host sync
+            self._check_labels(raw["labels"].reshape(len(index), -1), index)
         input_ids = raw["input_ids"].to(self.device, torch.long, non_blocking=True)
         return {
             "pixel_values": raw["pixel_values"].to(self.device, torch.float32, non_blocking=True),
@@ -119,6 +125,17 @@ class BatchLoader:
             "modality_mask": raw["modality_mask"].to(self.device, torch.bool, non_blocking=True),
             "index": index.to(self.device, non_blocking=True),
         }
+
+    def _check_labels(self, labels: torch.Tensor, index: torch.Tensor) -> None:
+        """A label outside its task's classes (shards and dataset.json that do not belong together)
+        would be an index error deep in the loss: name the sample instead."""
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bad.any():
+            row, task = (int(i) for i in bad.nonzero()[0])
+            name = list(self.dataset.tasks)[task]
+            raise DataError(f"{self.dataset.root}: split {self.split!r} sample {int(index[row])}: label "
+                            f"{int(labels[row, task])} for task {name!r}, which has {int(self.num_classes[task])} "
+                            f"classes in dataset.json (were the shards written with another dataset.json?)")
 
     # --- resume ---------------------------------------------------------------------------------
 
@@ -137,7 +154,7 @@ class BatchLoader:
                       if state.get(key) != value}
         if mismatched:
             details = ", ".join(f"{key}: saved {saved!r}, now {now!r}" for key, (saved, now) in mismatched.items())
-            raise ValueError(f"cannot resume the {self.split} loader from this data state ({details}); "
+            raise DataError(f"cannot resume the {self.split} loader from this data state ({details}); "
                              "resume with the saved data settings and world size")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._load_backend_state(state)
@@ -173,6 +190,7 @@ def build_loader(shards_dir: str | Path, split: str, *, config: DataConfig, batc
                  device="cpu") -> BatchLoader:
     """A loader over one split of a shards folder for one rank (see the module docstring)."""
     dataset = load_dataset_info(shards_dir)
+    check_split_files(dataset, split)
     arguments = dict(config=config, batch_size=batch_size, image_size=image_size, train=train,
                      rank=rank, world_size=world_size, seed=seed, device=device)
     if resolve_backend(config.loader) == "dali":

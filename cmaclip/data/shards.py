@@ -45,6 +45,8 @@ from cmaclip.data.catalog import (BadRow, CatalogError, CatalogRow, placeholder_
                                   skip_record)
 from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SPLITS, TEXT, EOT_TOKEN_ID,
                                  encode_int32, load_dataset_info, sample_key, shard_name)
+from cmaclip.data.integrity import FILES_KEY, file_record, verify
+from cmaclip.errors import CmaclipError, command
 from cmaclip.files import write_durably, write_json_atomic
 
 TAR_BLOCK = 512
@@ -53,7 +55,7 @@ STAGING_PREFIX = ".cmaclip-staging-"
 OWN_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.idx)?$")
 
 
-class ShardsError(ValueError):
+class ShardsError(CmaclipError, ValueError):
     """A structural problem: nothing was written (the message says why)."""
 
 
@@ -277,6 +279,9 @@ class ShardsConfig:
 
     image_root: str | None = None
     """Folder that relative image paths start from; None = the input file's folder."""
+    allow_outside_image_root: bool = False
+    """Read image paths that leave the image root (absolute paths, `..`); by default such a row is
+    skipped, so a catalogue cannot make the writer embed any file it can read."""
     text_column: str = "text"
     """The title: a CSV column or a JSONL key."""
     val_fraction: float = 0.1
@@ -298,6 +303,9 @@ class ShardsConfig:
     """Processes that decode and check the images."""
     overwrite: bool = False
     """Replace the cmaclip files already in the output folder (other files are left alone)."""
+    unlabelled: bool = False
+    """Keep rows without any label (a catalogue to predict, not to train on); needs vocab_from, the
+    trained model's classes."""
     progress: bool = False
     """Show progress bars (stderr)."""
 
@@ -311,6 +319,9 @@ class ShardsConfig:
                                   f"got {getattr(self, name)}")
         if self.max_side < 0:
             raise ShardsError(f"max_side must be >= 0 (0 = no limit), got {self.max_side}")
+        if self.unlabelled and self.vocab_from is None:
+            raise ShardsError("--unlabelled needs --vocab-from SHARDS_DIR: the classes of the shards the model was "
+                              "trained on")
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
@@ -407,14 +418,15 @@ def label_vocabulary(samples: list[Sample], tasks: list[str], config: ShardsConf
     return classes, dropped, f"every label is a class with fewer than {config.min_class_count} training samples"
 
 
-def label_and_group(samples: list[Sample], tasks: list[str], classes: dict, drop_reason: str,
+def label_and_group(samples: list[Sample], tasks: list[str], classes: dict, drop_reason: str | None,
                     skipped: list[dict]) -> dict[str, list[Sample]]:
-    """Label indices per sample; samples per split in their stored order (by id hash)."""
+    """Label indices per sample; samples per split in their stored order (by id hash). A sample left
+    without labels is skipped with `drop_reason` (kept when it is None)."""
     class_index = {task: {name: i for i, name in enumerate(classes[task])} for task in tasks}
     by_split = {split: [] for split in SPLITS}
     for sample in samples:
         sample.labels = [class_index[task].get(sample.row.labels.get(task), -1) for task in tasks]
-        if all(label < 0 for label in sample.labels):
+        if drop_reason is not None and all(label < 0 for label in sample.labels):
             skipped.append(skip_record(sample.row.line, sample.row.id, drop_reason))
         else:
             by_split[sample.split].append(sample)
@@ -433,7 +445,8 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config.overwrite)
 
-    catalog = read_catalog(input_path, tasks, text_column=config.text_column, image_root=config.image_root)
+    catalog = read_catalog(input_path, tasks, text_column=config.text_column, image_root=config.image_root,
+                           contain=not config.allow_outside_image_root, require_labels=not config.unlabelled)
     skipped = list(catalog.skipped)
     samples = tokenize_and_split(catalog, config, skipped)
     if not samples:
@@ -442,7 +455,7 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
     with staging_folder(out_dir) as staging:
         samples = attach_images(samples, staging, config, skipped)
         classes, dropped, drop_reason = label_vocabulary(samples, tasks, config, input_path)
-        by_split = label_and_group(samples, tasks, classes, drop_reason, skipped)
+        by_split = label_and_group(samples, tasks, classes, None if config.unlabelled else drop_reason, skipped)
         if not any(by_split.values()):
             raise ShardsError(f"{input_path}: no usable rows ({len(skipped)} skipped: {summarize_skips(skipped)})")
 
@@ -458,6 +471,8 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
             splits[split] = {"samples": len(split_samples), "shards": names}
         bar.close()
         dataset = describe(input_path, tasks, config, classes, dropped, splits, by_split, skipped)
+        dataset[FILES_KEY] = {path.name: file_record(path) for split in splits.values()
+                              for name in split["shards"] for path in (out_dir / name, out_dir / f"{name}.idx")}
         write_json_atomic(out_dir / DATASET_FILE, dataset)
     return dataset
 
@@ -500,9 +515,13 @@ def parse_args(argv):
     defaults = ShardsConfig()
     parser = argparse.ArgumentParser(prog="cmaclip shards", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--input", required=True, help="catalogue: .jsonl or .csv")
-    parser.add_argument("--tasks", required=True, help="comma-separated task names (JSONL label keys / CSV columns)")
-    parser.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    parser.add_argument("--verify", metavar="DIR", help="instead of writing: check a shards folder (checksums, "
+                                                        "indexes, every sample) and list each problem")
+    parser.add_argument("--input", help="catalogue: .jsonl or .csv")
+    parser.add_argument("--tasks", help="comma-separated task names (JSONL label keys / CSV columns)")
+    parser.add_argument("--out", help="output folder (must be empty unless --overwrite)")
+    parser.add_argument("--allow-outside-image-root", action="store_true",
+                        help="read image paths that leave --image-root (absolute, ..); default: skip those rows")
     parser.add_argument("--image-root", default=defaults.image_root,
                         help="folder relative image paths start from (None: the input file's folder)")
     parser.add_argument("--text-column", default=defaults.text_column, help="title column (CSV) or key (JSONL)")
@@ -520,12 +539,24 @@ def parse_args(argv):
                         help="title tokens per sample, SOT and EOT included")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes")
     parser.add_argument("--overwrite", action="store_true", help="replace the cmaclip files already in --out")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="keep rows without labels (a catalogue to predict); needs --vocab-from")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.verify is None and not (args.input and args.tasks and args.out):
+        parser.error("--input, --tasks and --out are required (or --verify DIR)")
+    return args
 
 
+@command("cmaclip shards")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.verify is not None:
+        checked, problems = verify(args.verify)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.verify}: {checked} samples checked, {len(problems)} problem(s)")
+        sys.exit(1 if problems else 0)
     start = time.perf_counter()
     try:
         dataset = write_shards(
@@ -533,7 +564,8 @@ def main(argv=None) -> None:
             text_column=args.text_column, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
             min_class_count=args.min_class_count, vocab_from=args.vocab_from,
             samples_per_shard=args.samples_per_shard, max_side=args.max_side, context_length=args.context_length,
-            workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+            workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+            allow_outside_image_root=args.allow_outside_image_root, unlabelled=args.unlabelled)
     except (CatalogError, ShardsError) as error:
         print(f"cmaclip shards: error: {error}", file=sys.stderr)
         sys.exit(1)
