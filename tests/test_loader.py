@@ -16,7 +16,7 @@ from PIL import Image
 
 from cmaclip.data.config import DataConfig
 from cmaclip.data.format import attention_mask_from_tokens, decode_int32, load_dataset_info
-from cmaclip.data.loader import attention_mask, build_loader, rank_share, resolve_backend
+from cmaclip.data.loader import HOST_FACTS, attention_mask, build_loader, rank_share, resolve_backend
 from cmaclip.data import pil
 from cmaclip.data.pil import preprocess_image
 from cmaclip.data.shards import write_shards
@@ -111,12 +111,17 @@ def test_batches_follow_the_contract(shards, backend):
     batch = batches[0]
     expected = {"pixel_values": (torch.float32, (4, 3, 48, 48)), "input_ids": (torch.int64, (4, 77)),
                 "attention_mask": (torch.int64, (4, 77)), "labels": (torch.int64, (4, 1)),
-                "modality_mask": (torch.bool, (4, 2)), "index": (torch.int64, (4,))}
+                "modality_mask": (torch.bool, (4, 2)), "index": (torch.int64, (4,)),
+                "text_length": (torch.int64, ()), "nothing_masked": (torch.bool, ())}
     assert {key: (value.dtype, tuple(value.shape)) for key, value in batch.items()} == expected
     # eval batches come in shard order, the last one padded
     assert [i for b in batches for i in b["index"].tolist()] == list(range(VAL_SAMPLES)) + [-1]
     assert torch.equal(batch["attention_mask"],
                        torch.from_numpy(attention_mask_from_tokens(batch["input_ids"].numpy())))
+    for each in batches:  # the facts the model would otherwise read from the device
+        lengths = each["attention_mask"].sum(1)
+        assert each["text_length"] == lengths.max()
+        assert bool(each["nothing_masked"]) == bool((lengths == lengths.max()).all() and each["modality_mask"].all())
     numbers = product_numbers(shards, "val")
     labels = [info.tasks["colour"].index(COLOURS[numbers[i] % 3]) for i in range(4)]
     assert batch["labels"][:, 0].tolist() == labels
@@ -290,7 +295,8 @@ def test_batches_land_on_the_gpu(shards, backend):
     cpu = build_loader(shards, "val", config=DataConfig(loader=backend), batch_size=4,
                        image_size=32, train=False)
     for on_gpu, on_cpu in zip(loader, cpu, strict=True):
-        assert all(value.device.type == "cuda" for value in on_gpu.values())
+        assert all(on_gpu[key].device.type == "cuda" for key in on_gpu if key not in HOST_FACTS)
+        assert all(on_gpu[key].device.type == "cpu" for key in HOST_FACTS)
         assert torch.equal(on_gpu["index"].cpu(), on_cpu["index"])
         assert (on_gpu["pixel_values"].cpu() - on_cpu["pixel_values"]).abs().mean() < 0.01
 

@@ -148,7 +148,11 @@ def test_a_launcher_that_started_fewer_processes_is_an_error(monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_sigusr1_and_sigterm_request_a_stop(sig):
+def test_sigusr1_and_sigterm_request_a_stop(sig, monkeypatch):
+    from cmaclip import errors
+
+    # the handler records the signal process-wide; later tests in this process must not see it
+    monkeypatch.setattr(errors, "received_signal", None)
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         stop = StopRequest()

@@ -1,7 +1,8 @@
 """The DALI input pipeline: webdataset reader -> JPEG decode (nvJPEG on a GPU) -> crop -> normalize.
 
-On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and every output lands on
-that GPU; otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
+On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and land on that GPU, while
+token ids, labels, indices and modalities stay on the host (the loader reads them there without a
+device sync); otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
 training crops leave DALI as decoded, uint8 and of any size, and `finish_crops` resizes, flips and
 normalizes them with torch, because DALI's CPU resampling costs about four times torch's uint8
 kernel (bench/data.py; 65% of DALI's CPU time per image before). The crop windows and flips are
@@ -58,8 +59,8 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
                            antialias=True, subpixel_scale=False)
         images = fn.crop_mirror_normalize(images, crop=[image_size, image_size],
                                           crop_pos_x=0.5, crop_pos_y=0.5, **normalize)
-    if on_gpu:
-        tok, lbl, idx, mod = tok.gpu(), lbl.gpu(), idx.gpu(), mod.gpu()
+    # tok, lbl, idx and mod stay on the host, even with a GPU: the loader checks and counts on
+    # them there without waiting for the device, then copies what the model needs
     return images, tok, lbl, idx, mod
 
 

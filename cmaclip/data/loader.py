@@ -37,11 +37,18 @@ READ_COMPONENTS = ("jpg", "tok", "lbl", "idx", "mod")
 # The batch keys CMAClip.forward takes; `labels` only when a loss is wanted, `index` never (it is
 # the loader's bookkeeping for counting samples once).
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "modality_mask")
+# Facts about the batch counted on the host before it moves to the device, so that the model
+# needs no device-to-host sync to learn them (it computes them itself when they are not given).
+HOST_FACTS = ("text_length", "nothing_masked")
 
 
-def model_inputs(batch: dict, with_labels: bool = False) -> dict:
+def model_inputs(batch: dict, with_labels: bool = False, with_host_facts: bool = False) -> dict:
+    """with_host_facts: only for the batch as the loader made it (a perturbed copy has other facts)."""
     keys = MODEL_INPUTS + (("labels",) if with_labels else ())
-    return {key: batch[key] for key in keys}
+    inputs = {key: batch[key] for key in keys}
+    if with_host_facts:
+        inputs.update(text_length=int(batch["text_length"]), nothing_masked=bool(batch["nothing_masked"]))
+    return inputs
 
 
 def normalize(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,14 +123,19 @@ class BatchLoader:
         index[rows >= real_samples] = -1
         if raw["labels"].device.type == "cpu":  # a check on the device would cost a host sync
             self._check_labels(raw["labels"].reshape(len(index), -1), index)
-        input_ids = raw["input_ids"].to(self.device, torch.long, non_blocking=True)
+        input_ids = raw["input_ids"].cpu().long()
+        mask, modality_mask = attention_mask(input_ids), raw["modality_mask"].cpu().bool()
+        lengths = mask.sum(dim=1)
+        text_length = lengths.max().clamp(min=1)
         return {
             "pixel_values": raw["pixel_values"].to(self.device, torch.float32, non_blocking=True),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask(input_ids),
+            "input_ids": input_ids.to(self.device, non_blocking=True),
+            "attention_mask": mask.to(self.device, non_blocking=True),
             "labels": raw["labels"].to(self.device, torch.long, non_blocking=True),
-            "modality_mask": raw["modality_mask"].to(self.device, torch.bool, non_blocking=True),
+            "modality_mask": modality_mask.to(self.device, non_blocking=True),
             "index": index.to(self.device, non_blocking=True),
+            "text_length": text_length,
+            "nothing_masked": (lengths == text_length).all() & modality_mask.all(),
         }
 
     def _check_labels(self, labels: torch.Tensor, index: torch.Tensor) -> None:
@@ -179,10 +191,19 @@ def resolve_backend(name: str) -> str:
         return "dali" if dali_available() else "pil"
     if name == "dali" and not dali_available():
         raise ImportError("data.loader=dali but nvidia.dali does not import: install "
-                          "nvidia-dali-cuda130 (or set data.loader=pil)")
+                          "the DALI build for your driver (README, GPU clusters) or set data.loader=pil")
     if name not in ("dali", "pil"):
         raise ValueError(f"data.loader: {name!r} is not one of auto, dali, pil")
     return name
+
+
+def backend_reason(name: str) -> str:
+    """Why data.loader=`name` runs the backend it does, for the run's first lines."""
+    if name != "auto":
+        return f"data.loader={name}"
+    if dali_available():
+        return "data.loader=auto, DALI installed"
+    return "data.loader=auto, DALI not installed: see the README's GPU section"
 
 
 def build_loader(shards_dir: str | Path, split: str, *, config: DataConfig, batch_size: int,
