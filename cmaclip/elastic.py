@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmaclip.distributed import all_ranks_ok
+
 
 
 def load(accelerator, checkpoint: Path, deepspeed_tag: str, step: int, loader, loader_states: list[dict]) -> None:
@@ -46,14 +48,21 @@ def reseed(seed: int, step: int, rank: int) -> None:
 def load_zero_universal(accelerator, checkpoint: Path, deepspeed_tag: str) -> None:
     """accelerator.load_state from a universal copy of the checkpoint's ZeRO partitions."""
     universal = checkpoint.parent / f".tmp-universal-{checkpoint.name}"
+    failure = None
     if accelerator.is_main_process:
-        shutil.rmtree(universal, ignore_errors=True)
-        universal.mkdir()
-        for entry in checkpoint.iterdir():  # the scheduler and RNG files, as they are
-            if entry.name != deepspeed_tag:
-                (universal / entry.name).symlink_to(entry.resolve())
-        convert_to_universal(checkpoint / deepspeed_tag, universal / deepspeed_tag)
-    accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(universal, ignore_errors=True)
+            universal.mkdir()
+            for entry in checkpoint.iterdir():  # the scheduler and RNG files, as they are
+                if entry.name != deepspeed_tag:
+                    (universal / entry.name).symlink_to(entry.resolve())
+            convert_to_universal(checkpoint / deepspeed_tag, universal / deepspeed_tag)
+        except Exception as error:  # noqa: BLE001 -- every rank must learn of it, not wait forever
+            failure = error
+            shutil.rmtree(universal, ignore_errors=True)
+    if not all_ranks_ok(accelerator, failure is None):
+        raise RuntimeError(f"converting {checkpoint / deepspeed_tag} to a universal checkpoint failed"
+                           f"{f': {failure}' if failure else ' on rank 0'}") from failure
     engines = [model for model in accelerator._models if hasattr(model, "load_universal_checkpoint")]
     try:
         for engine in engines:

@@ -293,3 +293,14 @@ def test_elastic_resume_ddp_two_one_two_ranks(ddp_run, fashion_shards, tmp_path)
     output_dir = tmp_path / "elastic"
     elastic_legs(fashion_shards, ddp_run, output_dir, "cpu.yaml")
     assert_elastic_epoch_and_curve(fashion_shards, output_dir, losses(ddp_run))
+
+
+@pytest.mark.parametrize("zero_run", ["zero2", "zero3"], indirect=True)
+def test_elastic_resume_zero_two_one_two_ranks(zero_run, fashion_shards, tmp_path, request):
+    """As the DDP test, with the optimizer state (ZeRO-3: also the weights) partitioned by rank:
+    each change of world size goes through DeepSpeed's universal checkpoint."""
+    output_dir = tmp_path / "elastic"
+    stage = f"ds_configs/{request.node.callspec.params['zero_run']}.json"
+    elastic_legs(fashion_shards, zero_run, output_dir, "cpu-deepspeed.yaml", "--deepspeed_config_file", stage)
+    assert_elastic_epoch_and_curve(fashion_shards, output_dir, losses(zero_run))
+    assert not list((output_dir / "checkpoints").glob(".tmp-*"))
