@@ -68,12 +68,27 @@ def load_zero_universal(accelerator, checkpoint: Path, deepspeed_tag: str) -> No
         for engine in engines:
             engine._config.load_universal_checkpoint = True
         accelerator.load_state(str(universal))
+        for engine in engines:
+            restore_group_settings(engine.optimizer, universal / deepspeed_tag / "zero" / "optimizer_state.pt")
     finally:
         for engine in engines:
             engine._config.load_universal_checkpoint = False
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(universal, ignore_errors=True)
+
+
+def restore_group_settings(optimizer, saved_state: Path) -> None:
+    """DeepSpeed's universal loaders leave the parameter groups' settings (lr, weight_decay, our
+    `part`) as the fresh optimizer had them (ZeRO-2), or give every group group 0's (ZeRO-3):
+    put back each group's saved settings."""
+    import torch
+
+    saved = torch.load(saved_state, weights_only=False)["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise RuntimeError(f"{saved_state} has {len(saved)} parameter groups, the optimizer {len(optimizer.param_groups)}")
+    for group, settings in zip(optimizer.param_groups, saved):
+        group.update({key: value for key, value in settings.items() if key != "params"})
 
 
 def convert_to_universal(source: Path, target: Path) -> None:

@@ -219,16 +219,19 @@ def test_resume_refuses_a_different_world_size(shards, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("legs", [((2, 2), (1, 2), (2, None)), ((1, 3), (2, None))], ids=["2-1-2", "1-2"])
+@pytest.mark.parametrize("legs", [((2, 2), (1, 1), (1, 1), (2, None)), ((1, 3), (2, None))], ids=["2-1-1-2", "1-2"])
 def test_elastic_resume_covers_the_epoch_exactly_once(shards, backend, train, legs):
     """Each leg: `world` ranks take `batches` batches each (None: the rest of the epoch) and save;
-    the next leg resumes those states on its own world size. Every sample of the epoch is read
-    exactly once over all legs, ranks stay in step, and the next epoch follows the normal rule."""
+    the next leg resumes those states on its own world size (elastically when it differs). Every
+    sample of the epoch is read exactly once over all legs, ranks stay in step, and the next epoch
+    follows the normal rule."""
     seen, states = [], None
     for world, batches in legs:
         loaders = [make_loader(shards, backend, train=train, rank=rank, world_size=world) for rank in range(world)]
-        for loader in loaders:
-            if states is not None:
+        for rank, loader in enumerate(loaders):
+            if states is not None and len(states) == world:
+                loader.load_state_dict(states[rank])
+            elif states is not None:
                 loader.load_elastic_state(states)
         assert len({len(loader) for loader in loaders}) == 1
         for loader in loaders:
