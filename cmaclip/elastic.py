@@ -27,7 +27,6 @@ import numpy as np
 from cmaclip.distributed import all_ranks_ok
 
 
-
 def load(accelerator, checkpoint: Path, deepspeed_tag: str, step: int, loader, loader_states: list[dict]) -> None:
     """Restore `checkpoint` (saved at `step` by len(loader_states) processes) on this run's
     processes. deepspeed_tag: the checkpoint's DeepSpeed folder."""
