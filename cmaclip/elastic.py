@@ -78,9 +78,9 @@ def load_zero_universal(accelerator, checkpoint: Path, deepspeed_tag: str) -> No
 
 
 def restore_group_settings(optimizer, saved_state: Path) -> None:
-    """DeepSpeed's universal loaders leave the parameter groups' settings (lr, weight_decay, our
-    `part`) as the fresh optimizer had them (ZeRO-2), or give every group group 0's (ZeRO-3):
-    put back each group's saved settings."""
+    """DeepSpeed's ZeRO-3 universal loader gives every parameter group the settings of group 0 (lr,
+    weight_decay, our `part`: stage3.py assumes they are all alike): put back each group's own.
+    (ZeRO-2's loader restores them itself; this changes nothing there.)"""
     import torch
 
     saved = torch.load(saved_state, weights_only=False)["param_groups"]
