@@ -100,6 +100,15 @@ def check_world_size(accelerator: Accelerator) -> None:
             f"launchers/accelerate/cpu.yaml (distributed_type MULTI_GPU + use_cpu), see launchers/README.md")
 
 
+def all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every rank (every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 

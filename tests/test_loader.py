@@ -223,6 +223,41 @@ def test_resume_refuses_a_different_world_size(shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("legs", [((2, 2), (1, 1), (1, 1), (2, None)), ((1, 3), (2, None))], ids=["2-1-1-2", "1-2"])
+def test_elastic_resume_covers_the_epoch_exactly_once(shards, backend, train, legs):
+    """Each leg: `world` ranks take `batches` batches each (None: the rest of the epoch) and save;
+    the next leg resumes those states on its own world size (elastically when it differs). Every
+    sample of the epoch is read exactly once over all legs, ranks stay in step, and the next epoch
+    follows the normal rule."""
+    seen, states = [], None
+    for world, batches in legs:
+        loaders = [make_loader(shards, backend, train=train, rank=rank, world_size=world) for rank in range(world)]
+        for rank, loader in enumerate(loaders):
+            if states is not None and len(states) == world:
+                loader.load_state_dict(states[rank])
+            elif states is not None:
+                loader.load_elastic_state(states)
+        assert len({len(loader) for loader in loaders}) == 1
+        for loader in loaders:
+            taken = list(loader) if batches is None else take(loader, batches)
+            seen += [i for batch in taken for i in real_indices(batch)]
+        states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    assert sorted(seen) == list(range(TRAIN_SAMPLES))
+    assert all(loader.epoch == 1 for loader in loaders)
+    next_epoch = [i for loader in loaders for batch in loader for i in real_indices(batch)]
+    assert sorted(next_epoch) == list(range(TRAIN_SAMPLES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elastic_resume_refuses_states_from_before_it_existed(shards, backend):
+    loaders = [make_loader(shards, backend, rank=rank, world_size=2) for rank in range(2)]
+    states = [{key: value for key, value in loader.state_dict().items() if key != "consumed"} for loader in loaders]
+    with pytest.raises(ValueError, match="predate elastic resume; resume with the 2 processes"):
+        make_loader(shards, backend).load_elastic_state(states)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_training_order_and_crops_change_every_epoch(shards, backend):
     loader = make_loader(shards, backend, batch_size=TRAIN_SAMPLES, crop_min_scale=0.5)
     epochs = [list(loader)[0] for _ in range(2)]

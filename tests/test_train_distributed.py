@@ -10,6 +10,7 @@ steps, through the command lines users run (`accelerate launch ... -m cmaclip.tr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -321,3 +322,67 @@ def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fash
     assert not (output_dir / "PREEMPTED").exists()
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+def elastic_legs(shards: Path, saved_run: Path, output_dir: Path, accelerate_config: str, *flags: str) -> None:
+    """Elastic resume of `saved_run`'s 2-rank step-4 checkpoint: 1 rank trains steps 5-6, then 2
+    ranks train steps 7-8, saving after every step."""
+    (output_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved_run / "checkpoints" / "step-000000004", output_dir / "checkpoints" / "step-000000004")
+    for processes, steps in ((1, 6), (2, STEPS)):
+        stdout = launch(accelerate_config, shards, output_dir, "train.resume=auto", f"train.max_steps={steps}",
+                        "train.save_every=1", launch_flags=("--num_processes", str(processes), *flags))
+        assert f"at step {steps - 2}" in stdout and f"training on {processes} process(es)" in stdout
+
+
+def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: dict[int, float]) -> None:
+    """The first epoch, read by 2, then 1, then 2 ranks, holds every training sample exactly once:
+    the checkpoint where it ends lists what each rank consumed (rank 0 also what the earlier legs
+    consumed, unmerged, so a sample read twice would show twice). The loss curve goes on like the
+    uninterrupted 2-rank run's: each of steps 5-8 within 25% of it (the batches differ, and steps
+    5-6 average 8 samples instead of 16), and their mean within 10%."""
+    from cmaclip.data.loader import batches_per_epoch, decode
+
+    samples = load_dataset_info(shards).num_samples("train")
+    consumed_before_resume = 4 * 2 * 8
+    one_rank_steps = batches_per_epoch(samples - consumed_before_resume, 1, 8)
+    assert one_rank_steps > 2, "the 1-rank leg must stop mid-epoch for this test to mean anything"
+    left = samples - consumed_before_resume - 2 * 8
+    epoch_end = 6 + batches_per_epoch(left, 2, 8)
+    checkpoint = output_dir / "checkpoints" / f"step-{epoch_end:09d}"
+    states = [torch.load(checkpoint / f"loader-rank{rank:05d}.pt", weights_only=False) for rank in range(2)]
+    assert all(state["epoch"] == 0 for state in states)
+    seen = sorted(int(i) for state in states for i in decode(state["consumed"]))
+    assert seen == list(range(samples))
+
+    curve = losses(output_dir)
+    assert sorted(curve) == list(range(5, STEPS + 1))
+    for step in curve:
+        assert curve[step] == pytest.approx(reference[step], rel=0.25), (step, curve, reference)
+    mean = sum(curve.values()) / len(curve)
+    assert mean == pytest.approx(sum(reference[step] for step in curve) / len(curve), rel=0.10)
+
+
+@pytest.fixture(scope="module")
+def elastic_ddp_run(ddp_run, fashion_shards, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("elastic-ddp") / "run"
+    elastic_legs(fashion_shards, ddp_run, output_dir, "cpu.yaml")
+    return output_dir
+
+
+def test_elastic_resume_ddp_two_one_two_ranks(elastic_ddp_run, ddp_run, fashion_shards):
+    assert_elastic_epoch_and_curve(fashion_shards, elastic_ddp_run, losses(ddp_run))
+
+
+@pytest.mark.parametrize("zero_run", ["zero2", "zero3"], indirect=True)
+def test_elastic_resume_zero_two_one_two_ranks(zero_run, elastic_ddp_run, fashion_shards, tmp_path, request):
+    """As the DDP test, with the optimizer state (ZeRO-3: also the weights) partitioned by rank:
+    each change of world size goes through DeepSpeed's universal checkpoint. Same batches as the
+    elastic DDP run, whose optimizer state is whole: the same losses (up to float summation order)
+    show that the weights, Adam moments and each parameter group's lr and weight decay arrived."""
+    output_dir = tmp_path / "elastic"
+    stage = f"ds_configs/{request.node.callspec.params['zero_run']}.json"
+    elastic_legs(fashion_shards, zero_run, output_dir, "cpu-deepspeed.yaml", "--deepspeed_config_file", stage)
+    assert_elastic_epoch_and_curve(fashion_shards, output_dir, losses(zero_run))
+    assert losses(output_dir) == pytest.approx(losses(elastic_ddp_run), rel=5e-3)
+    assert not list((output_dir / "checkpoints").glob(".tmp-*"))
