@@ -48,10 +48,11 @@ def overrides(shards: Path, *extra: str) -> list[str]:
             "data.workers=1", "data.eval_split=none", "optim.warmup_steps=2", *extra]
 
 
-def launch(accelerate_config: str, shards: Path, output_dir: Path, *extra: str, launch_flags=()) -> str:
+def launch(accelerate_config: str, shards: Path, output_dir: Path, *extra: str, launch_flags=(),
+           module: str = "cmaclip.train", recipe: str = RECIPE) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ACCELERATE_DIR / accelerate_config), "--main_process_port", str(free_port()), *launch_flags,
-               "-m", "cmaclip.train", "--config", RECIPE, *overrides(shards, *extra), f"output_dir={output_dir}"]
+               "-m", module, "--config", recipe, *overrides(shards, *extra), f"output_dir={output_dir}"]
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout

@@ -117,7 +117,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, scal
     all_image, all_text, all_valid = gather(image), gather(text), gather(valid.float()).bool()
     offset = own_offset(len(image), len(all_image))
     targets = torch.arange(len(image), device=image.device) + offset
-    blocked = torch.finfo(image.dtype).min
+    # far below any logit (|logit| <= 100) and finite: a row with nothing valid stays finite
+    blocked = -1e4
     per_image = (scale * image @ all_text.T).masked_fill(~all_valid, blocked)
     per_text = (scale * text @ all_image.T).masked_fill(~all_valid, blocked)
     both = F.cross_entropy(per_image, targets, reduction="none") + F.cross_entropy(per_text, targets, reduction="none")
@@ -148,4 +149,4 @@ def own_offset(local: int, total: int) -> int:
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over the valid rows, 0 (with a zero gradient) when there are none."""
-    return (values * valid).sum() / valid.sum().clamp(min=1)
+    return torch.where(valid, values, 0.0).sum() / valid.sum().clamp(min=1)
