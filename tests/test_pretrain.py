@@ -75,8 +75,12 @@ def test_two_ranks_give_the_one_rank_loss_and_gradients(loss, tmp_path):
     two = torch.load(results)
     value, gradients = loss_and_gradients(tiny_model(loss), pair_batch())
     assert two["loss"] == pytest.approx(value, rel=1e-5)
+    # some gradients are zero up to rounding (a key bias cannot change a softmax): the absolute
+    # tolerance follows the largest gradient of the model
+    largest = max(gradient.abs().max().item() for gradient in gradients.values())
     for name, gradient in gradients.items():
-        torch.testing.assert_close(two["gradients"][name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(two["gradients"][name], gradient, rtol=1e-4, atol=1e-6 * largest,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_clip_loss_is_the_symmetric_cross_entropy_over_valid_pairs():
