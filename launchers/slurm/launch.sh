@@ -27,6 +27,7 @@ MAIN_PORT=${MAIN_PORT:-29500}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero3.yaml}
 ACCELERATE=${ACCELERATE:-accelerate}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
+CMACLIP_MODULE=${CMACLIP_MODULE:-cmaclip.train}  # cmaclip.pretrain: contrastive pretraining
 PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
 
 if [ "$NUM_NODES" -gt 1 ]; then
@@ -43,7 +44,7 @@ fi
   exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NUM_NODES" --num_processes "$((NUM_NODES * PROCS_PER_NODE))" \
     --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
-    ${EXTRA_LAUNCH_ARGS:-} -m cmaclip.train "$@"
+    ${EXTRA_LAUNCH_ARGS:-} -m "$CMACLIP_MODULE" "$@"
 ) &
 launcher=$!
 
