@@ -142,7 +142,7 @@ def parse_args(argv):
                         help="pretrain the backbone contrastively first, then fine-tune from it "
                              "(also CMACLIP_DEMO_PRETRAIN=1; a few minutes more)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="passed on to training, e.g. train.max_steps=50 for a quicker look")
+                        help="passed on to training (and pretraining), e.g. train.max_steps=50 for a quicker look")
     return parser.parse_args(argv)
 
 
@@ -161,7 +161,8 @@ def main(argv=None) -> None:
     start = "random init"
     if args.pretrain:
         heading(2, f"contrastive image-title pretraining of the tiny CLIP backbone on {args.processes} CPU processes")
-        train(shards, out / "pretrain", args.processes, [], module="cmaclip.pretrain", config=PRETRAIN_CONFIG)
+        train(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
+              config=PRETRAIN_CONFIG)
         overrides.insert(0, f"model.pretrained={out / 'pretrain' / 'model'}")
         start = "the pretrained backbone"
     heading(2, f"training the tiny CMA-CLIP from {start} on {args.processes} CPU processes")
