@@ -33,13 +33,14 @@ def build_model(config, dataset):
     return ContrastiveCLIP(config.model, config.pretrain)
 
 
-def pairs(batch: dict) -> torch.Tensor:
-    """[B] bool: rows with both modalities that are real samples (not the loader's padding)."""
-    return batch["modality_mask"].all(-1) & (batch["index"] >= 0)
+def pair_mask(batch: dict) -> torch.Tensor:
+    """The batch's modality_mask with the loader's padding rows (index -1) marked empty: a padding
+    row repeats a real sample, which would be its own false negative."""
+    return batch["modality_mask"] & (batch["index"] >= 0)[:, None]
 
 
 def contrastive_loss(model, batch):
-    output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], valid=pairs(batch),
+    output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], pair_mask(batch),
                    gather=gather_with_grad)
     return output.loss, [1.0 / output.logit_scale]
 
@@ -69,8 +70,9 @@ def evaluate_retrieval(model, loader, accelerator) -> RetrievalResult:
     model.eval()
     images, titles = [], []
     for batch in loader:
-        output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], valid=pairs(batch))
-        keep = accelerator.gather(pairs(batch).int()).bool()
+        mask = pair_mask(batch)
+        output = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], mask)
+        keep = accelerator.gather(mask.all(-1).int()).bool()
         images.append(accelerator.gather(output.image_features.float())[keep])
         titles.append(accelerator.gather(output.text_features.float())[keep])
     model.train(was_training)

@@ -36,10 +36,10 @@ def pair_batch() -> dict:
     ids[torch.arange(GLOBAL_BATCH), lengths] = 49407
     ids[:, 0] = 49406
     mask = (torch.arange(77) <= lengths[:, None]).long()
-    valid = torch.ones(GLOBAL_BATCH, dtype=torch.bool)
-    valid[list(INVALID_ROWS)] = False
+    modality_mask = torch.ones(GLOBAL_BATCH, 2, dtype=torch.bool)
+    modality_mask[INVALID_ROWS[0], 0] = modality_mask[INVALID_ROWS[1], 1] = False  # no title / no image
     return dict(pixel_values=torch.randn(GLOBAL_BATCH, 3, 64, 64, generator=generator), input_ids=ids,
-                attention_mask=mask, valid=valid)
+                attention_mask=mask, modality_mask=modality_mask)
 
 
 def loss_and_gradients(model, batch, gather=None) -> tuple[float, dict]:

@@ -77,11 +77,14 @@ class ContrastiveCLIP(nn.Module):
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                valid: torch.Tensor | None = None, gather: Gather = no_gather) -> ContrastiveOutput:
-        """valid: [B] bool, the rows that are pairs (None = all)."""
+                modality_mask: torch.Tensor | None = None, gather: Gather = no_gather) -> ContrastiveOutput:
+        """The batch contract (ARCHITECTURE.md): modality_mask [B, 2] bool (text, image; None = both
+        present); the rows with both are the pairs."""
         image, text = self.encode(pixel_values, input_ids, attention_mask)
-        if valid is None:
+        if modality_mask is None:
             valid = torch.ones(len(image), dtype=torch.bool, device=image.device)
+        else:
+            valid = modality_mask.to(device=image.device, dtype=torch.bool).all(-1)
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze()
         if self.contrastive.loss == "clip":
             loss = clip_loss(image, text, valid, scale, gather)
