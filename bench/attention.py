@@ -13,10 +13,14 @@ A roofline line follows: the fused core does 7 [S, S] x d matrix products per he
 matrix-multiply peak it could not take less than 7 products' time; that bounds the speedup
 any fused kernel can reach here, and shows how close torch's is.
 
-    .venv/bin/python bench/attention.py
+The SDPA kernel torch picked for the fused core (profiled at the B/16 shape with the padding
+mask) is printed too: on a GPU, which of flash / memory-efficient / cuDNN / math really ran.
+
+    .venv/bin/python bench/attention.py [--backend-only]
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -93,7 +97,24 @@ def matmul_peak() -> float:
     return 2 * 2048**3 / seconds
 
 
+def sdpa_backend() -> str:
+    """The attention kernels (aten ops) the fused core runs at the B/16 shape, padding mask on."""
+    generator = torch.Generator().manual_seed(0)
+    fused, _ = core_steps(TEXT + SHAPES["B/16"], key_mask(SHAPES["B/16"], generator), generator)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fused()
+    kernels = sorted({event.name.removeprefix("aten::") for event in profile.events()
+                      if "attention" in event.name and event.name.startswith("aten::_")})
+    return (f"SDPA backend ({str(DTYPE).removeprefix('torch.')}, padding mask, {DEVICE}): "
+            + (", ".join(kernels) or "none found (math fallback)"))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend-only", action="store_true", help="only print the SDPA kernels that run")
+    if parser.parse_args().backend_only:
+        print(sdpa_backend())
+        return
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"sequence attention, fused SDPA vs naive, forward+backward: batch {BATCH}, width {WIDTH}, "
           f"{HEADS} heads, {str(DTYPE).removeprefix('torch.')} on {device_name}; median of interleaved runs")
@@ -115,6 +136,7 @@ def main() -> None:
     print(f"roofline (B/16 core): matmul peak {peak / 1e9:.0f} GFLOP/s; fused runs at "
           f"{products / fused_b16 / 1e9:.0f} GFLOP/s ({products / fused_b16 / peak:.0%} of peak); a fused "
           f"kernel at 100% of peak would be {naive_b16 / (products / peak):.2f}x the naive one")
+    print(sdpa_backend())
     print(f"attention speedup fused/naive: {headline:.2f}")
 
 

@@ -45,14 +45,22 @@ def make_batch(batch: int, image_size: int, generator: torch.Generator) -> dict:
 
 
 class Trainer:
-    def __init__(self, preset: str, fusion: str, batch: int):
+    """One training step at a time on `shapes` batches used in turn (titles of different lengths);
+    `compiled`: the model under torch.compile (bench/compile.py)."""
+
+    def __init__(self, preset: str, fusion: str, batch: int, compiled: bool = False, shapes: int = 1):
         torch.manual_seed(0)
-        self.model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0), TASKS).to(DEVICE).train()
-        self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.batch = make_batch(batch, self.model.config.image_size, torch.Generator().manual_seed(1))
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0), TASKS).to(DEVICE).train()
+        self.optimizer = build_optimizer(model, OptimConfig())
+        self.model = torch.compile(model) if compiled else model
+        generator = torch.Generator().manual_seed(1)
+        self.batches = [make_batch(batch, model.config.image_size, generator) for _ in range(shapes)]
+        self.taken = 0
+        self.parameters = sum(p.numel() for p in model.parameters())
 
     def step(self) -> float:
+        self.batch = self.batches[self.taken % len(self.batches)]
+        self.taken += 1
         autocast = torch.autocast("cuda", torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
@@ -67,6 +75,18 @@ class Trainer:
         return time.perf_counter() - start
 
 
+def interleaved(trainers: dict, warmup_steps: int, repeats: int) -> tuple[dict, dict]:
+    """-> ({name: seconds of its warm-up steps}, {name: median step seconds}) of trainers stepped in
+    turn (a, b, a, b, ...), so that a change in the machine's load hits them alike."""
+    # warm-up: allocator, kernels, optimizer state (and compilation)
+    warmup = {name: sum(trainer.step() for _ in range(warmup_steps)) for name, trainer in trainers.items()}
+    times = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.step())
+    return warmup, {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,vit-b-32")
@@ -79,13 +99,7 @@ def main() -> None:
     ratio = None
     for preset in args.presets.split(","):
         trainers = {fusion: Trainer(preset, fusion, args.batch) for fusion in ("cma", "concat")}
-        for trainer in trainers.values():  # warm-up: allocator, kernels, optimizer state
-            trainer.step()
-        times = {fusion: [] for fusion in trainers}
-        for _ in range(args.repeats):
-            for fusion, trainer in trainers.items():
-                times[fusion].append(trainer.step())
-        medians = {fusion: statistics.median(values) for fusion, values in times.items()}
+        _, medians = interleaved(trainers, warmup_steps=1, repeats=args.repeats)
         for fusion, trainer in trainers.items():
             print(f"{preset:<10} {fusion:<7} {trainer.parameters / 1e6:>10.2f}M {medians[fusion] * 1e3:>9.1f}")
         ratio = medians["cma"] / medians["concat"]

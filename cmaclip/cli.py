@@ -11,7 +11,8 @@ COMMANDS = {
     "train": ("cmaclip.train", "train a model from a YAML config (also: accelerate launch -m cmaclip.train)"),
     "pretrain": ("cmaclip.pretrain", "contrastive image-title pretraining of the CLIP backbone (exports a CLIP folder)"),
     "eval": ("cmaclip.evaluate", "evaluate a checkpoint on a split of a shards folder"),
-    "predict": ("cmaclip.predict", "predict attributes for products in a JSONL/CSV file"),
+    "predict": ("cmaclip.predict", "predict attributes for products in a JSONL/CSV file or a shards folder"),
+    "calibrate": ("cmaclip.calibrate", "fit auto-fill thresholds at a target precision (calibration.json)"),
     "explain": ("cmaclip.explain", "draw attention-map pictures (the paper's Figure 2)"),
     "ablate": ("cmaclip.ablate", "train and evaluate the five fusion variants (the paper's Table 6)"),
 }
@@ -19,7 +20,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: cmaclip COMMAND [args]  (cmaclip COMMAND --help for its arguments)", "", "commands:"]
-    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -125,6 +125,12 @@ class TrainConfig:
     """At the end, write output_dir/model/: consolidated fp32 weights + config, loadable without
     DeepSpeed (CMAClip.from_pretrained)."""
 
+    compile: bool = False
+    """torch.compile the model (inductor, through Accelerate: after the DDP wrap, or the DeepSpeed
+    engine's module in place). The first steps pay minutes of compilation (and recompile for new
+    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py: 0.96x tiny,
+    1.06x ViT-B/32), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
+
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:

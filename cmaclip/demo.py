@@ -114,7 +114,8 @@ def next_steps(out: Path, run: Path) -> str:
 Everything is under {out}/: shards/, run/ (tensorboard/, checkpoints/, model/), metrics.json, explain/.
 
 TensorBoard (losses, learning rates, per-task accuracy and recall at 90% precision, modality
-weights, confusion matrices, attention pictures):
+weights, confusion matrices, attention pictures; samples/s, TFLOP/s and peak memory per device,
+and MFU on a GPU, next to the "model:" and "efficiency:" lines training printed above):
     .venv/bin/tensorboard --logdir {run}/tensorboard      # then open http://localhost:6006
 
 Use the trained model:

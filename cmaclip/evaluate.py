@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cmaclip import metrics as M
+from cmaclip.calibration import Calibration, auto_fill_report, format_report
 from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
 from cmaclip.data.loader import build_loader, model_inputs
 from cmaclip.errors import DataError, command
@@ -48,6 +49,7 @@ class EvalResult:
     num_samples: int
     perturb: str = "none"
     pictures: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (name, uint8 HWC)
+    auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
     def class_tables(self) -> dict[str, list[dict]]:
         return {task: M.class_table(self.confusion[task], self.class_names[task]) for task in self.confusion}
@@ -55,7 +57,8 @@ class EvalResult:
     def to_json(self) -> dict:
         """metrics.json: the INTERFACE.md keys plus the modality weights and per-class tables."""
         return {**self.metrics, "samples": self.num_samples, "perturb": self.perturb,
-                "modality_weights": self.modality_weights, "classes": self.class_tables()}
+                "modality_weights": self.modality_weights, "classes": self.class_tables(),
+                **({"auto_fill": self.auto_fill} if self.auto_fill is not None else {})}
 
     def summary(self) -> str:
         """One line for logs: the means, then each task's accuracy."""
@@ -167,10 +170,11 @@ def unique_samples(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb: str = "none", seed: int = 0,
-                  progress: bool = False) -> tuple[dict[str, np.ndarray], dict | None]:
+                  progress: bool = False, calibration=None) -> tuple[dict[str, np.ndarray], dict | None]:
     """This rank's per-sample predictions: index [N], labels/predicted/confidence [N, K],
-    modality_weights [N, K, 2]; and its first batch, unperturbed (for attention pictures: the
-    loader is iterated once per evaluation, as a second `iter` would start mid-epoch)."""
+    modality_weights [N, K, 2], with a calibration also accepted [N, K] (auto-fill); and its
+    first batch, unperturbed (for attention pictures: the loader is iterated once per evaluation,
+    as a second `iter` would start mid-epoch)."""
     word_end = word_end_table(loader.dataset.context_length) if perturb == "drop-words" else None
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     parts = {"index": [], "labels": [], "predicted": [], "confidence": [], "modality_weights": []}
@@ -195,22 +199,28 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["predicted"].append(torch.stack(predicted, dim=1).cpu().numpy())
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
+        if calibration is not None:
+            accepted = [calibration.decide(task, loader.dataset.tasks[task], output.logits[task].float().cpu().numpy())[2]
+                        for task in tasks]
+            parts.setdefault("accepted", []).append(np.stack(accepted, axis=1))
     if first_batch is None:
         raise ValueError(f"the {loader.dataset.root} loader yielded no batch on this rank")
     return {key: np.concatenate(values) for key, values in parts.items()}, first_batch
 
 
 def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", seed: int = 0,
-                   precisions=M.DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False) -> EvalResult:
+                   precisions=M.DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
+                   calibration=None) -> EvalResult:
     """Evaluate on the loader's split. Call it on EVERY rank (collectives inside); the result is the
     same everywhere. `pictures` > 0 adds that many attention pictures (explain.py) of products from
-    the first batches (one extra forward per rank, as ZeRO-3 needs)."""
+    the first batches (one extra forward per rank, as ZeRO-3 needs). A `calibration`
+    (calibration.Calibration) adds `auto_fill`: the accepted predictions' precision and coverage."""
     tasks = loader.dataset.task_names
     was_training = model.training
     model.eval()
     try:
         local, first_batch = predict_split(model, loader, tasks, accelerator=accelerator, perturb=perturb,
-                                           seed=seed, progress=progress)
+                                           seed=seed, progress=progress, calibration=calibration)
         drawn = []
         if pictures > 0 and perturb == "none":
             drawn = attention_pictures(model, first_batch, loader.dataset.context_length, pictures, accelerator)
@@ -234,6 +244,9 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
         num_samples=int(len(samples["index"])),
         perturb=perturb,
         pictures=drawn,
+        auto_fill=None if calibration is None else {
+            "target_precision": calibration.target_precision,
+            "tasks": auto_fill_report(samples["labels"], samples["predicted"], samples["accepted"], tasks)},
     )
 
 
@@ -424,12 +437,15 @@ def main(argv=None) -> None:
     info = load_dataset_info(args.shards)
     model = load_model(args.checkpoint, accelerator.device)
     check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
+    calibration = Calibration.load(resolve_model_dir(args.checkpoint))  # calibration.json, if fitted
+    if calibration is not None:
+        calibration.check_tasks(model.tasks, resolve_model_dir(args.checkpoint))
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, seed=args.seed, device=accelerator.device)
     result = evaluate_model(model, loader, accelerator, perturb=args.perturb, seed=args.seed,
                             precisions=tuple(args.precision), pictures=4,
-                            progress=accelerator.is_main_process)
+                            progress=accelerator.is_main_process, calibration=calibration)
     if accelerator.is_main_process:
         content = {**result.to_json(), "checkpoint": str(resolve_model_dir(args.checkpoint)),
                    "shards": str(args.shards), "split": args.split}
@@ -444,6 +460,8 @@ def main(argv=None) -> None:
                 log_evaluation(writer, result, step=0)
         print(format_table(result.metrics, result.modality_weights if args.perturb == "none" else None))
         print(result.summary())
+        if calibration is not None:
+            print(format_report(calibration, result.auto_fill["tasks"]))
         print(f"wrote {args.out}" + (f"; TensorBoard: {tensorboard_dir}" if tensorboard_dir else ""))
     shutdown(accelerator)
 

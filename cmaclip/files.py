@@ -24,3 +24,11 @@ def write_json_atomic(path: str | Path, content: dict) -> None:
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     write_durably(partial, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     os.replace(partial, path)
+
+
+def publish(partial: str | Path, path: str | Path) -> None:
+    """Make a file that a library wrote under a temporary name durable (fsync), then rename it over
+    `path`: readers see it whole or not at all."""
+    with open(partial, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(partial, path)

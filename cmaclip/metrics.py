@@ -62,22 +62,32 @@ def macro_f1(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> f
     return float(table["f1"][seen].mean()) if seen.any() else float("nan")
 
 
-def recall_at_precision(labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray,
-                        precision: float = 0.9) -> float:
+def precision_curve(labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray):
+    """Predict the samples whose confidence is >= t and abstain on the rest: for each candidate t
+    (each distinct confidence, highest first) -> (t, samples predicted, predicted correctly).
+    Samples with equal confidence are kept or dropped together (no threshold separates them)."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     confidences = np.asarray(confidences, dtype=np.float64)
-    if not labels.size:
-        return float("nan")
     order = np.argsort(-confidences, kind="stable")
     correct = (labels[order] == predictions[order]).astype(np.int64)
     sorted_confidences = confidences[order]
-    # Candidate thresholds: after the last sample of each run of equal confidence.
     run_ends = np.flatnonzero(np.append(sorted_confidences[1:] != sorted_confidences[:-1], True))
-    correct_so_far = np.cumsum(correct)[run_ends]
-    predicted_so_far = run_ends + 1
+    return sorted_confidences[run_ends], run_ends + 1, np.cumsum(correct)[run_ends]
+
+
+def reaches_precision(correct: np.ndarray, predicted: np.ndarray, precision: float) -> np.ndarray:
     # Integer comparison (correct >= p * predicted) would still need p as a float; a small
     # tolerance keeps exactly-p cases (e.g. 9 of 10 at p = 0.9) on the right side of rounding.
-    reaches = correct_so_far >= precision * predicted_so_far - 1e-9
+    return correct >= precision * predicted - 1e-9
+
+
+def recall_at_precision(labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray,
+                        precision: float = 0.9) -> float:
+    labels = np.asarray(labels)
+    if not labels.size:
+        return float("nan")
+    _, predicted_so_far, correct_so_far = precision_curve(labels, predictions, confidences)
+    reaches = reaches_precision(correct_so_far, predicted_so_far, precision)
     if not reaches.any():
         return 0.0
     return float(correct_so_far[reaches].max() / labels.size)

@@ -219,6 +219,8 @@ def product_input_parser(command: str, description: str, out_help: str) -> argpa
 
 def parse_args(argv):
     parser = product_input_parser("predict", __doc__.split("\n")[0], "predictions, JSONL")
+    parser.epilog = ("With --shards DIR instead of --input: a split of a shards folder on any number of ranks, "
+                     "into Parquet parts (cmaclip predict --shards DIR --help)")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per task")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
@@ -249,10 +251,19 @@ def run_with_model(command: str, args, work):
 
 @command("cmaclip predict")
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg == "--shards" or arg.startswith("--shards=") for arg in argv):
+        from cmaclip import batch_predict  # a split of a shards folder, on any number of ranks
+
+        return batch_predict.main(argv)
+    args = parse_args(argv)
     counts = run_with_model("predict", args, lambda model, device: predict_file(
         model, args.input, args.out, image_root=args.image_root, text_column=args.text_column,
         batch_size=args.batch_size, top_k=args.top_k, device=device))
     notes = [f"{counts['incomplete']} with a problem field (listed above)"] if counts["incomplete"] else []
     notes += [f"{counts['skipped']} rows skipped (listed above)"] if counts["skipped"] else []
     print(f"predicted {counts['predicted']} products -> {args.out}" + (f"; {', '.join(notes)}" if notes else ""))
+
+
+if __name__ == "__main__":
+    main()

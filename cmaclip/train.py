@@ -28,6 +28,7 @@ from cmaclip.distributed import (StopRequest, die_with_launcher, fill_deepspeed_
                                  quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
 from cmaclip.guard import NonFiniteGuard
+from cmaclip.telemetry import Telemetry
 
 # Written into output_dir by a run that stopped on SIGUSR1/SIGTERM before max_steps (Slurm requeues on it).
 PREEMPTED_MARKER = "PREEMPTED"
@@ -219,15 +220,15 @@ class Monitor:
             self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             unit="step")
 
-    def log_step(self, values: dict[str, float], step: int) -> None:
-        """A logging step's values (means over its window and all ranks)."""
+    def log_step(self, values: dict[str, float], step: int, efficiency: str = "") -> None:
+        """A logging step's values (means over its window and all ranks); `efficiency` ends its line."""
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
         if self.step_lines:
             print(f"step {step}/{self.max_steps}: loss {values['loss']:.4f}, "
                   f"{values['samples_per_second']:.1f} samples/s, lr {values['lr']:.2e}, "
-                  f"waiting for data {values['data_wait_fraction']:.0%}", flush=True)
+                  f"waiting for data {values['data_wait_fraction']:.0%}{efficiency}", flush=True)
 
     def progress(self, loss: float, samples_per_second: float | None) -> None:
         """samples_per_second: the latest measurement (None until the first log step)."""
@@ -294,6 +295,7 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     dataset = load_dataset_info(config.data.shards)
     model = objective.build_model(config, dataset)
     train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
+    telemetry = Telemetry(model, config, accelerator)  # counts on the plain model: before prepare
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     if uses_deepspeed(accelerator):
@@ -315,6 +317,8 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
         monitor.line(f"resumed from {resume_from} at step {step}")
     monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
                  f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
+    monitor.line(telemetry.opening_line())
+    telemetry.log_start(monitor.writer, step)
 
     def evaluate() -> None:
         # evaluation never shifts the training's random stream: a run with and without periodic
@@ -344,11 +348,13 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
             values = stats.reduce(accelerator)
-            samples_per_second = samples_per_step * stats.steps / (time.perf_counter() - stats.started)
+            elapsed = time.perf_counter() - stats.started
+            samples_per_second = samples_per_step * stats.steps / elapsed
             learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
             values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
                           samples_per_second=samples_per_second, nonfinite_steps=guard.skipped)
-            monitor.log_step(values, step)
+            values.update(telemetry.window(values, elapsed))
+            monitor.log_step(values, step, telemetry.step_text(values))
             stats.reset()
         monitor.progress(loss, samples_per_second)
         last_step = step == config.train.max_steps
@@ -375,6 +381,8 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     if config.train.export:
         exported = checkpoint.export_model(accelerator, model, saved, output_dir)
         monitor.line(f"exported the model to {exported}")
+    monitor.line(telemetry.closing_line())
+    telemetry.log_end(monitor.writer, step)
     monitor.close()
     return step
 

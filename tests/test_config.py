@@ -23,6 +23,8 @@ def test_the_recipes_exist_and_load():
     demo = load_config(REPO / "configs" / "cpu-demo.yaml")
     assert demo.model.preset == "tiny" and demo.train.max_steps > 0
     assert load_config(REPO / "configs" / "vit-b16-food101.yaml").model.preset == "vit-b-16"
+    large = load_config(REPO / "configs" / "vit-l14-fashiongen.yaml").model
+    assert large.preset == "vit-l-14" and large.gradient_checkpointing  # activations recomputed
 
 
 def test_a_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):

@@ -467,3 +467,25 @@ def test_killed_run_leaves_only_complete_shards(tmp_path, jsonl_catalog):
     write_shards(jsonl_catalog[0], TASKS, out, val_fraction=0.0, samples_per_shard=3, overwrite=True)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the staging leftovers are gone
     assert load_dataset_info(out).num_samples("train") > 0
+
+
+def test_unlabelled_catalogue_for_prediction(tmp_path, fashion_shards):
+    """`--unlabelled`: rows without labels are kept (a catalogue to predict), with the classes of
+    --vocab-from, which it needs."""
+    image = "images/" + sorted((FASHION_DIR / "images").glob("*.jpg"))[0].name
+    rows = [{"id": "new-1", "image": image, "text": "Blue shirt"}, {"id": "new-2", "text": "Red shoe"},
+            {"id": "new-3", "image": image, "text": "Green cap", "labels": {"usage": "Casual"}}]
+    catalogue = tmp_path / "tonight.jsonl"
+    catalogue.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    with pytest.raises(ValueError, match="'gender' appear in no row's labels"):  # labels required by default
+        write_shards(catalogue, ["usage", "gender"], tmp_path / "labelled", vocab_from=fashion_shards,
+                     val_fraction=0.0, image_root=FASHION_DIR)
+    with pytest.raises(shards_module.ShardsError, match="needs --vocab-from"):
+        write_shards(catalogue, ["usage", "gender"], tmp_path / "no-vocab", unlabelled=True, val_fraction=0.0,
+                     image_root=FASHION_DIR)
+    dataset = write_shards(catalogue, ["usage", "gender"], tmp_path / "out", vocab_from=fashion_shards,
+                           val_fraction=0.0, unlabelled=True, image_root=FASHION_DIR)
+    assert dataset["splits"]["train"]["samples"] == 3 and dataset["skipped"] == []
+    samples = sorted(read_webdataset(tmp_path / "out", "train"), key=lambda s: s["id"])
+    usage = load_dataset_info(fashion_shards).tasks["usage"].index("Casual")
+    assert [list(decode_int32(s["lbl"])) for s in samples] == [[-1, -1], [-1, -1], [usage, -1]]

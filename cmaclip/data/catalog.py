@@ -78,9 +78,11 @@ def skip_record(line: int, row_id: str | None, reason: str) -> dict:
 
 
 def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text",
-                 image_root: str | Path | None = None, contain: bool = True) -> Catalog:
+                 image_root: str | Path | None = None, contain: bool = True,
+                 require_labels: bool = True) -> Catalog:
     """contain: an image path that leaves the image root (absolute, `..`, a symlink out) skips
-    its row; False reads any path the catalogue names."""
+    its row; False reads any path the catalogue names. require_labels: a row without any label is
+    skipped (False: kept, for a catalogue to predict)."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"{path}: input catalogue not found")
@@ -93,7 +95,7 @@ def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text
         try:
             if isinstance(fields, BadRow):
                 raise fields
-            row = make_row(line, fields, tasks, image_root)
+            row = make_row(line, fields, tasks, image_root, require_labels)
             if contain and row.image is not None:
                 require_inside(row.image, image_root)
             if row.id in first_line_of:
@@ -102,7 +104,7 @@ def read_catalog(path: str | Path, tasks: list[str], *, text_column: str = "text
             rows.append(row)
         except BadRow as error:
             skipped.append(skip_record(line, raw_id, str(error)))
-    if path.suffix.lower() in JSONL_SUFFIXES:
+    if path.suffix.lower() in JSONL_SUFFIXES and require_labels:
         require_every_task_used(path, tasks, rows)
     return Catalog(path=path, rows=rows, skipped=skipped)
 
@@ -209,7 +211,8 @@ def require_inside(image: Path, root: Path) -> None:
                      "to read it)")
 
 
-def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> CatalogRow:
+def make_row(line: int, fields: dict, tasks: list[str], image_root: Path,
+             require_labels: bool = True) -> CatalogRow:
     row_id = id_text(fields["id"])
     if row_id is None:
         raise BadRow("id: missing or empty" if fields["id"] is None or isinstance(fields["id"], str) else
@@ -236,7 +239,7 @@ def make_row(line: int, fields: dict, tasks: list[str], image_root: Path) -> Cat
             raise BadRow(f"labels.{task}: expected a string or integer, got {type(value).__name__} {value!r}"[:200])
         if value is not None and str(value).strip():
             labels[task] = str(value).strip()
-    if not labels:
+    if not labels and require_labels:
         raise BadRow(f"no label for any task ({', '.join(tasks)})")
 
     split = fields["split"]

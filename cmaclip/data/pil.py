@@ -78,22 +78,22 @@ def preprocess_image(image: Image.Image, image_size: int) -> torch.Tensor:
 # --- reading samples --------------------------------------------------------------------------
 
 class SampleTable:
-    """Where each component of each sample of a split lies: from the shards' .idx files."""
+    """Where each of `components` of each sample of a split lies: from the shards' .idx files."""
 
-    def __init__(self, shard_paths: list[str], index_paths: list[str]):
-        self.shard_paths = shard_paths
+    def __init__(self, shard_paths: list[str], index_paths: list[str], components=READ_COMPONENTS):
+        self.shard_paths, self.components = shard_paths, tuple(components)
         shard_of, offsets, sizes = [], [], []
         for shard_number, index_path in enumerate(index_paths):
             for line_number, components in _read_index(index_path):
-                missing = [ext for ext in READ_COMPONENTS if ext not in components]
+                missing = [ext for ext in self.components if ext not in components]
                 if missing:
                     raise DataError(f"{index_path} line {line_number}: sample lacks {missing}")
                 shard_of.append(shard_number)
-                offsets.append([components[ext][0] for ext in READ_COMPONENTS])
-                sizes.append([components[ext][1] for ext in READ_COMPONENTS])
+                offsets.append([components[ext][0] for ext in self.components])
+                sizes.append([components[ext][1] for ext in self.components])
         self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
-        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, len(READ_COMPONENTS))
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, len(self.components))
+        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, len(self.components))
         self._files: OrderedDict[int, int] = OrderedDict()  # shard number -> descriptor, LRU
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class SampleTable:
         """The sample's components (shorter than the index says if the tar is truncated)."""
         descriptor = self._descriptor(int(self.shard_of[sample]))
         return {ext: os.pread(descriptor, int(size), int(offset))
-                for ext, offset, size in zip(READ_COMPONENTS, self.offsets[sample], self.sizes[sample])}
+                for ext, offset, size in zip(self.components, self.offsets[sample], self.sizes[sample])}
 
     def _descriptor(self, shard: int) -> int:
         # pread needs no file position, so descriptors inherited by forked workers are safe; a

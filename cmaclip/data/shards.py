@@ -303,6 +303,9 @@ class ShardsConfig:
     """Processes that decode and check the images."""
     overwrite: bool = False
     """Replace the cmaclip files already in the output folder (other files are left alone)."""
+    unlabelled: bool = False
+    """Keep rows without any label (a catalogue to predict, not to train on); needs vocab_from, the
+    trained model's classes."""
     progress: bool = False
     """Show progress bars (stderr)."""
 
@@ -316,6 +319,9 @@ class ShardsConfig:
                                   f"got {getattr(self, name)}")
         if self.max_side < 0:
             raise ShardsError(f"max_side must be >= 0 (0 = no limit), got {self.max_side}")
+        if self.unlabelled and self.vocab_from is None:
+            raise ShardsError("--unlabelled needs --vocab-from SHARDS_DIR: the classes of the shards the model was "
+                              "trained on")
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
@@ -412,14 +418,15 @@ def label_vocabulary(samples: list[Sample], tasks: list[str], config: ShardsConf
     return classes, dropped, f"every label is a class with fewer than {config.min_class_count} training samples"
 
 
-def label_and_group(samples: list[Sample], tasks: list[str], classes: dict, drop_reason: str,
+def label_and_group(samples: list[Sample], tasks: list[str], classes: dict, drop_reason: str | None,
                     skipped: list[dict]) -> dict[str, list[Sample]]:
-    """Label indices per sample; samples per split in their stored order (by id hash)."""
+    """Label indices per sample; samples per split in their stored order (by id hash). A sample left
+    without labels is skipped with `drop_reason` (kept when it is None)."""
     class_index = {task: {name: i for i, name in enumerate(classes[task])} for task in tasks}
     by_split = {split: [] for split in SPLITS}
     for sample in samples:
         sample.labels = [class_index[task].get(sample.row.labels.get(task), -1) for task in tasks]
-        if all(label < 0 for label in sample.labels):
+        if drop_reason is not None and all(label < 0 for label in sample.labels):
             skipped.append(skip_record(sample.row.line, sample.row.id, drop_reason))
         else:
             by_split[sample.split].append(sample)
@@ -439,7 +446,7 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
     check_out_dir(out_dir, config.overwrite)
 
     catalog = read_catalog(input_path, tasks, text_column=config.text_column, image_root=config.image_root,
-                           contain=not config.allow_outside_image_root)
+                           contain=not config.allow_outside_image_root, require_labels=not config.unlabelled)
     skipped = list(catalog.skipped)
     samples = tokenize_and_split(catalog, config, skipped)
     if not samples:
@@ -448,7 +455,7 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
     with staging_folder(out_dir) as staging:
         samples = attach_images(samples, staging, config, skipped)
         classes, dropped, drop_reason = label_vocabulary(samples, tasks, config, input_path)
-        by_split = label_and_group(samples, tasks, classes, drop_reason, skipped)
+        by_split = label_and_group(samples, tasks, classes, None if config.unlabelled else drop_reason, skipped)
         if not any(by_split.values()):
             raise ShardsError(f"{input_path}: no usable rows ({len(skipped)} skipped: {summarize_skips(skipped)})")
 
@@ -532,6 +539,8 @@ def parse_args(argv):
                         help="title tokens per sample, SOT and EOT included")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes")
     parser.add_argument("--overwrite", action="store_true", help="replace the cmaclip files already in --out")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="keep rows without labels (a catalogue to predict); needs --vocab-from")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.verify is None and not (args.input and args.tasks and args.out):
@@ -556,7 +565,7 @@ def main(argv=None) -> None:
             min_class_count=args.min_class_count, vocab_from=args.vocab_from,
             samples_per_shard=args.samples_per_shard, max_side=args.max_side, context_length=args.context_length,
             workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-            allow_outside_image_root=args.allow_outside_image_root)
+            allow_outside_image_root=args.allow_outside_image_root, unlabelled=args.unlabelled)
     except (CatalogError, ShardsError) as error:
         print(f"cmaclip shards: error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One node's share of a multi-node run: `accelerate launch` for this node, with SIGUSR1 passed on
-# to the training processes. train.sbatch runs it once per node (srun, one task per node); the
-# tests run it twice on one machine (NODE_RANK 0 and 1 on 127.0.0.1) to simulate two nodes.
+# to the training processes. train.sbatch and predict.sbatch run it once per node (srun, one task
+# per node); the tests run it twice on one machine (NODE_RANK 0 and 1 on 127.0.0.1) to simulate
+# two nodes.
 #
-#   launch.sh [cmaclip.train arguments: --config FILE.yaml key.sub=value ...]
+#   launch.sh [arguments of $MODULE: --config FILE.yaml key.sub=value ... for cmaclip.train]
 #
 # Environment (the sbatch script sets them from Slurm; the defaults are one local node):
 #   NUM_NODES       nodes in the run                                   (default 1)
@@ -17,6 +18,8 @@
 #   EXTRA_LAUNCH_ARGS  more `accelerate launch` flags, e.g. "--deepspeed_config_file X.json"
 #   RDZV_TIMEOUT    seconds every node has to check in with node 0 (on MAIN_PORT + 1) before the
 #                   launch; a node missing then stops it with one line naming it  (default 300)
+#   MODULE          the Python module every process runs   (default cmaclip.train; cmaclip.predict,
+#                   cmaclip.calibrate, cmaclip.evaluate and cmaclip.pretrain run the same way)
 set -euo pipefail
 
 NUM_NODES=${NUM_NODES:-1}
@@ -26,8 +29,8 @@ MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero3.yaml}
 ACCELERATE=${ACCELERATE:-accelerate}
+MODULE=${MODULE:-cmaclip.train}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
-CMACLIP_MODULE=${CMACLIP_MODULE:-cmaclip.train}  # cmaclip.pretrain: contrastive pretraining
 PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
 
 if [ "$NUM_NODES" -gt 1 ]; then
@@ -44,7 +47,7 @@ fi
   exec "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NUM_NODES" --num_processes "$((NUM_NODES * PROCS_PER_NODE))" \
     --machine_rank "$NODE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \
-    ${EXTRA_LAUNCH_ARGS:-} -m "$CMACLIP_MODULE" "$@"
+    ${EXTRA_LAUNCH_ARGS:-} -m "$MODULE" "$@"
 ) &
 launcher=$!
 
