@@ -36,9 +36,13 @@ def no_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 class ContrastiveOutput(dict):
     """loss (0-dim), image_features and text_features ([B, width], L2-normed), logit_scale (exp,
-    0-dim, detached)."""
+    0-dim, detached). A dict, as CMAClipOutput, so that ZeRO-3 finds the output tensors."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class ContrastiveCLIP(nn.Module):
