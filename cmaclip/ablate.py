@@ -71,7 +71,13 @@ def average_runs(runs: list[dict]) -> dict:
 
     averaged = over_runs(lambda values: float(np.mean(values)))
     spread = over_runs(lambda values: float(np.std(values, ddof=1))) if len(runs) > 1 else None
-    return {**averaged, "std": spread, "runs": len(runs), "samples": runs[0].get("samples")}
+    weights = {task: {modality: float(np.mean([run["modality_weights"][task][modality] for run in runs]))
+                      for modality in runs[0]["modality_weights"][task]}
+               for task in runs[0].get("modality_weights", {})}
+    unimodal = {name: {"mean": combine([run["unimodal"][name]["mean"] for run in runs], np.mean)}
+                for name in runs[0].get("unimodal", {})}
+    return {**averaged, "std": spread, "runs": len(runs), "samples": runs[0].get("samples"),
+            "modality_weights": weights, "unimodal": unimodal}
 
 
 def _best(values: dict[str, float | None]) -> set[str]:
@@ -129,11 +135,44 @@ def robustness_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def modality_weights_table(results: dict[str, dict]) -> str:
+    """The mean image weight per task (the text weight is 1 minus it) of `cma`, the variant with
+    modality attention, on the clean split ("" without it). results: variant -> clean metrics."""
+    weights = results.get("cma", {}).get("modality_weights")
+    if not weights:
+        return ""
+    return "\n".join(["| variant | " + " | ".join(f"{task} image weight" for task in weights) + " |",
+                      "|---|" + "---:|" * len(weights),
+                      "| `cma` | " + " | ".join(f"{w['image']:.2f}" for w in weights.values()) + " |"])
+
+
+def unimodal_heads_table(results: dict[str, dict[str, dict]]) -> str:
+    """Mean accuracy (percent) of the fused prediction and of the text-only and image-only heads of
+    the variants that have them, clean and under each perturbation (a head is scored on the samples
+    that have its modality). results: variant -> perturb -> metrics."""
+    variants = [v for v in results if results[v]["none"].get("unimodal")]
+    if not variants:
+        return ""
+    perturbs = [p for p in PERTURBATIONS if all(p in results[v] for v in variants)]
+    lines = ["| variant | " + " | ".join(f"{p} fused / text head / image head" for p in perturbs) + " |",
+             "|---|" + "---:|" * len(perturbs)]
+    for variant in variants:
+        cells = []
+        for perturb in perturbs:
+            metrics = results[variant][perturb]
+            heads = [metrics["unimodal"].get(name, {}).get("mean") for name in ("text", "image")]
+            cells.append(" / ".join(_cell(value) for value in [metrics["mean"]["accuracy"], *heads]))
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budget: str, split: str,
                       samples: int, seeds: list[int]) -> str:
     """results: variant -> perturbation -> metrics (one run's, or average_runs() of the seeds)."""
     over_seeds = (f" Mean ± standard deviation over seeds {', '.join(map(str, seeds))}." if len(seeds) > 1
                   else "")
+    weights = modality_weights_table({variant: by_perturb["none"] for variant, by_perturb in results.items()})
+    heads = unimodal_heads_table(results)
     return "\n".join([
         "# Ablation (the paper's Table 6)",
         "",
@@ -154,6 +193,14 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
         "",
         robustness_table(results),
         "",
+        *(["## Modality weights", "",
+           "Mean weight of the image per task in the modality attention (clean split); the text gets "
+           "the rest. A task that only the photo carries should lean on the image, and one that only "
+           "the title carries on the text.", "", weights, ""] if weights else []),
+        *(["## Unimodal heads", "",
+           "Mean accuracy of the fused prediction and of the model's own text-only and image-only heads "
+           "(`model.unimodal_loss_weight`); a head counts the samples that have its modality.", "", heads, ""]
+          if heads else []),
     ])
 
 

@@ -89,8 +89,11 @@ def evaluate(shards: Path, run: Path, out: Path) -> None:
     print(format_table(clean.metrics, clean.modality_weights))
     robustness = {perturb: evaluate_model(model, loader, perturb=perturb, pictures=0).metrics["mean"]["accuracy"]
                   for perturb in ("no-text", "no-image")}
+    # the majority baseline: always predicting each task's most frequent validation class
+    majority = sum(confusion.sum(axis=1).max() / max(confusion.sum(), 1) for confusion in clean.confusion.values())
     print(f"mean accuracy {clean.metrics['mean']['accuracy']:.3f}; with every title removed "
-          f"{robustness['no-text']:.3f}, with every image removed {robustness['no-image']:.3f}")
+          f"{robustness['no-text']:.3f}, with every image removed {robustness['no-image']:.3f} "
+          f"(majority-class baseline {majority / len(clean.confusion):.3f})")
     write_json_atomic(out / "metrics.json", {**clean.to_json(), "split": "val",
                                              "robustness_mean_accuracy": robustness})
     print(f"wrote {out / 'metrics.json'} (per-class tables included)")

@@ -49,6 +49,9 @@ class EvalResult:
     num_samples: int
     perturb: str = "none"
     pictures: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (name, uint8 HWC)
+    unimodal: dict = field(default_factory=dict)
+    """The unimodal heads' accuracy (models that have them): {"text" | "image": {"tasks": {task:
+    accuracy}, "mean": accuracy}}, over the samples that have the modality."""
     auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
     def class_tables(self) -> dict[str, list[dict]]:
@@ -57,15 +60,17 @@ class EvalResult:
     def to_json(self) -> dict:
         """metrics.json: the INTERFACE.md keys plus the modality weights and per-class tables."""
         return {**self.metrics, "samples": self.num_samples, "perturb": self.perturb,
-                "modality_weights": self.modality_weights, "classes": self.class_tables(),
+                "modality_weights": self.modality_weights, "unimodal": self.unimodal,
+                "classes": self.class_tables(),
                 **({"auto_fill": self.auto_fill} if self.auto_fill is not None else {})}
 
     def summary(self) -> str:
         """One line for logs: the means, then each task's accuracy."""
         mean = self.metrics["mean"]
         tasks = " | ".join(f"{task} {_fmt(m['accuracy'])}" for task, m in self.metrics["tasks"].items())
+        heads = "".join(f" | {name} head {_fmt(head['mean'])}" for name, head in self.unimodal.items())
         return (f"eval ({self.num_samples} samples{'' if self.perturb == 'none' else ', ' + self.perturb}): "
-                f"mean accuracy {_fmt(mean['accuracy'])}, recall@p90 {_fmt(mean['recall_at_p90'])} | {tasks}")
+                f"mean accuracy {_fmt(mean['accuracy'])}, recall@p90 {_fmt(mean['recall_at_p90'])} | {tasks}{heads}")
 
 
 def _fmt(value) -> str:
@@ -199,6 +204,10 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["predicted"].append(torch.stack(predicted, dim=1).cpu().numpy())
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
+        for name, head_logits in getattr(output, "unimodal_logits", {}).items():  # models with unimodal heads
+            predicted = torch.stack([head_logits[task].argmax(dim=-1) for task in tasks], dim=1)
+            parts.setdefault(f"predicted_{name}", []).append(predicted.cpu().numpy())
+            parts.setdefault(f"has_{name}", []).append(batch["modality_mask"][:, MODALITIES.index(name)].cpu().numpy())
         if calibration is not None:
             accepted = [calibration.decide(task, loader.dataset.tasks[task], output.logits[task].float().cpu().numpy())[2]
                         for task in tasks]
@@ -237,6 +246,7 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
         mean_weights = samples["modality_weights"][:, k].mean(axis=0) if len(labels) else np.zeros(2)
         weights[task] = {name: float(mean_weights[m]) for m, name in enumerate(MODALITIES)}
     return EvalResult(
+        unimodal=unimodal_accuracy(samples, tasks),
         metrics={"tasks": per_task, "mean": M.mean_over_tasks(per_task)},
         confusion=confusion,
         class_names={task: list(loader.dataset.tasks[task]) for task in tasks},
@@ -248,6 +258,23 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
             "target_precision": calibration.target_precision,
             "tasks": auto_fill_report(samples["labels"], samples["predicted"], samples["accepted"], tasks)},
     )
+
+
+def unimodal_accuracy(samples: dict[str, np.ndarray], tasks: list[str]) -> dict:
+    """Accuracy of each unimodal head over the labelled samples that have its modality."""
+    result = {}
+    for name in MODALITIES:
+        if f"predicted_{name}" not in samples:
+            continue
+        has = samples[f"has_{name}"].astype(bool)
+        per_task = {}
+        for k, task in enumerate(tasks):
+            labelled = has & (samples["labels"][:, k] >= 0)
+            per_task[task] = (M.accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
+                              if labelled.any() else None)
+        present = [value for value in per_task.values() if value is not None]
+        result[name] = {"tasks": per_task, "mean": float(np.mean(present)) if present else None}
+    return result
 
 
 @torch.no_grad()

@@ -49,3 +49,23 @@ def fashion_shards(tmp_path_factory, fashion_csv) -> Path:
     write_shards(fashion_csv, FASHION_TASKS, out, image_root=FASHION_DIR, text_column="productDisplayName",
                  val_fraction=0.25, samples_per_shard=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_fusion():
+    """A function giving every fusion layer of a module random residual branches. The layers are
+    built as the identity (zero-initialised branches), so on a fresh model any test of what the
+    sequence attention computes (masking, pooling, kernels) would pass whatever the code does."""
+    from cmaclip.model.attention import FusionLayer
+
+    def scramble(module: torch.nn.Module) -> torch.nn.Module:
+        generator = torch.Generator().manual_seed(0)
+        for layer in module.modules():
+            if isinstance(layer, FusionLayer):
+                for branch_output in (layer.attention.out, layer.mlp[-1]):
+                    with torch.no_grad():
+                        branch_output.weight.normal_(0, branch_output.in_features ** -0.5, generator=generator)
+                        branch_output.bias.normal_(0, 0.1, generator=generator)
+        return module
+
+    return scramble

@@ -22,9 +22,9 @@ def test_fused_core_equals_reference_with_padding():
     assert torch.allclose(weights.sum(-1), torch.ones(3, 4, 30))
 
 
-def test_sequence_attention_fused_equals_reference_forward_and_backward():
+def test_sequence_attention_fused_equals_reference_forward_and_backward(untrained_fusion):
     torch.manual_seed(0)
-    block = SequenceAttention(width=64, heads=4, layers=2).eval()
+    block = untrained_fusion(SequenceAttention(width=64, heads=4, layers=2)).eval()
     x = torch.randn(3, 30, 64, requires_grad=True)
     key_mask = padded_key_mask([5, 20, 12], text_positions=20, image_positions=10, image_present=[1, 1, 0])
 
@@ -38,9 +38,9 @@ def test_sequence_attention_fused_equals_reference_forward_and_backward():
     assert (fused_grad - reference_grad).abs().max() < 1e-4
 
 
-def test_padding_positions_do_not_change_real_outputs():
+def test_padding_positions_do_not_change_real_outputs(untrained_fusion):
     torch.manual_seed(0)
-    block = SequenceAttention(width=32, heads=2, layers=2).eval()
+    block = untrained_fusion(SequenceAttention(width=32, heads=2, layers=2)).eval()
     x = torch.randn(1, 12, 32)
     key_mask = padded_key_mask([4], text_positions=8, image_positions=4)
     noisy = x.clone()
@@ -51,8 +51,8 @@ def test_padding_positions_do_not_change_real_outputs():
     assert (out[0, real] - out_noisy[0, real]).abs().max() < 1e-5
 
 
-def test_sample_without_any_key_gives_finite_outputs():
-    block = SequenceAttention(width=32, heads=2, layers=1).eval()
+def test_sample_without_any_key_gives_finite_outputs(untrained_fusion):
+    block = untrained_fusion(SequenceAttention(width=32, heads=2, layers=1)).eval()
     key_mask = torch.zeros(2, 10, dtype=torch.bool)
     key_mask[1, :3] = True
     out, _ = block(torch.randn(2, 10, 32), key_mask)
@@ -60,9 +60,9 @@ def test_sample_without_any_key_gives_finite_outputs():
     assert torch.isfinite(out).all() and torch.isfinite(ref).all()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(untrained_fusion):
     torch.manual_seed(0)
-    block = SequenceAttention(width=32, heads=2, layers=2).train()
+    block = untrained_fusion(SequenceAttention(width=32, heads=2, layers=2)).train()
     x = torch.randn(2, 10, 32)
     key_mask = padded_key_mask([3, 6], text_positions=6, image_positions=4)
     block(x, key_mask)[0].sum().backward()
@@ -95,9 +95,9 @@ def test_cuda_bf16_attention_matches_reference_and_uses_fused_kernels():
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_autocast_sequence_attention_matches_its_reference_path():
+def test_cuda_bf16_autocast_sequence_attention_matches_its_reference_path(untrained_fusion):
     torch.manual_seed(0)
-    block = SequenceAttention(width=512, heads=8, layers=2).cuda().eval()
+    block = untrained_fusion(SequenceAttention(width=512, heads=8, layers=2)).cuda().eval()
     x = torch.randn(8, 77 + 50, 512, device="cuda")
     key_mask = padded_key_mask([10, 77, 30, 5, 60, 77, 1, 40], 77, 50).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):

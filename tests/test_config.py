@@ -20,6 +20,8 @@ def test_the_recipes_exist_and_load():
     for path in RECIPES:
         config = load_config(path)
         assert isinstance(config, RunConfig)
+        # a product without a title or a photo must be a case every recipe trains on
+        assert config.model.modality_dropout > 0, f"{path.name}: model.modality_dropout is off"
     demo = load_config(REPO / "configs" / "cpu-demo.yaml")
     assert demo.model.preset == "tiny" and demo.train.max_steps > 0
     assert load_config(REPO / "configs" / "vit-b16-food101.yaml").model.preset == "vit-b-16"

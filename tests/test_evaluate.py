@@ -284,3 +284,13 @@ def test_real_loader_and_model_count_the_split_once(fashion_shards, tmp_path, ca
     assert written["split"] == "val" and written["samples"] == info.num_samples("val")
     assert list((run / "tensorboard" / "eval-val").glob("events.out.tfevents.*"))
     assert "| **mean** |" in capsys.readouterr().out
+
+
+def test_unimodal_heads_are_scored_on_the_samples_that_have_their_modality():
+    samples = {"labels": np.array([[0, 1], [1, -1], [2, 0]]),
+               "predicted_text": np.array([[0, 1], [0, 0], [2, 1]]), "has_text": np.array([True, True, False]),
+               "predicted_image": np.array([[1, 1], [1, 1], [2, 0]]), "has_image": np.array([True, True, True])}
+    result = evaluate.unimodal_accuracy(samples, list(TASKS))
+    assert result["text"] == {"tasks": {"colour": 0.5, "kind": 1.0}, "mean": 0.75}
+    assert result["image"]["tasks"] == {"colour": pytest.approx(2 / 3), "kind": 1.0}
+    assert evaluate.unimodal_accuracy({"labels": samples["labels"]}, list(TASKS)) == {}

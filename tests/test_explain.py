@@ -147,3 +147,36 @@ def test_explain_refuses_a_model_without_sequence_attention(tmp_path, capsys):
         explain.main(["--checkpoint", str(tmp_path / "m"), "--input", str(tmp_path / "in.jsonl"),
                       "--out", str(tmp_path / "out")])
     assert "model.fusion='concat' has no sequence-wise attention" in capsys.readouterr().err
+
+
+def test_the_marked_word_is_the_title_word_whose_attention_is_scripted_onto_the_image():
+    """A stand-in model whose last-layer attention sends one title word's attention to the image
+    patches: explain must mark exactly that word (sequence position 1 is the first piece, after SOT)."""
+    from types import SimpleNamespace
+
+    from cmaclip.data.tokenizer import load_tokenizer
+    from cmaclip.model.cmaclip import CMAClipOutput
+    from cmaclip.predict import Product
+
+    tokenizer = load_tokenizer(77)
+    words = ["turtle", "check", "navy", "shirt"]
+    chosen = words.index("navy")
+
+    class ScriptedModel:
+        config = SimpleNamespace(image_size=64)
+
+        def __call__(self, input_ids, attention_mask, return_attentions=False, **rest):
+            text_length = int(attention_mask.sum())  # SOT, 4 one-piece words, EOT
+            length = text_length + 1 + GRID * GRID
+            attention = torch.zeros(1, 2, length, length)
+            attention[..., text_length] = 1.0  # every query looks at the image [CLS] only ...
+            attention[0, :, 1 + chosen, text_length] = 0.2  # ... but the chosen word at the patches
+            attention[0, :, 1 + chosen, text_length + 1:] = 0.2
+            return CMAClipOutput(logits={}, modality_weights=torch.zeros(1, 1, 2), attentions=[attention],
+                                 text_length=text_length)
+
+    product = Product(line=1, id="a", title=" ".join(words), image=Image.new("RGB", (64, 64)))
+    [found] = explain.explain_products(ScriptedModel(), [product], tokenizer, "cpu")
+    assert [piece for piece, _ in found["pieces"]] == words
+    assert found["pieces"][found["marked"]][0] == "navy"
+    assert found["mass"] == pytest.approx(0.8)

@@ -35,8 +35,9 @@ def tiny(fusion="cma", **overrides):
 
 
 @pytest.fixture(scope="module")
-def cma():
-    return tiny()
+def cma(untrained_fusion):
+    """A cma model whose fusion layers are not the identity (as they are when built)."""
+    return untrained_fusion(tiny())
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -112,8 +113,8 @@ def test_modality_weights_sum_to_one_over_present_modalities():
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_a_missing_modality_does_not_influence_the_prediction(fusion):
-    model = tiny(fusion)
+def test_a_missing_modality_does_not_influence_the_prediction(fusion, untrained_fusion):
+    model = untrained_fusion(tiny(fusion))
     batch = make_batch([5, 5])
     batch["modality_mask"] = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)  # no image / no text
     changed = {key: value.clone() for key, value in batch.items()}
@@ -152,6 +153,97 @@ def test_task_weights_and_label_smoothing_enter_the_loss():
     assert torch.allclose(loss, task_losses["color"] + 3.0 * task_losses["season"])
 
 
+def test_heads_read_the_weighted_sum_of_eot_and_cls_taken_from_the_attended_sequence(cma):
+    """Head input of task k = w_k,text * T'[EOT] + w_k,image * I'[CLS], both read from the sequence
+    attention's output at the EOT and the image [CLS] positions; the unimodal heads read CLIP's
+    T[EOT] and I[CLS] (the projected encoder states at the same positions, before that attention)."""
+    batch = make_batch([3, 9])
+    seen = {}
+    hooks = [cma.sequence_attention.register_forward_hook(lambda m, i, out: seen.__setitem__("sequence", out[0])),
+             cma.backbone.text_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("T", out)),
+             cma.backbone.visual_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("I", out))]
+    for name, heads in [("fused", cma.heads), *cma.unimodal_heads.items()]:
+        for k, head in enumerate(heads):
+            hooks.append(head.register_forward_pre_hook(lambda m, args, key=(name, k): seen.__setitem__(key, args[0])))
+    task_vectors = cma.modality_attention.task_vectors
+    original = task_vectors.detach().clone()
+    with torch.no_grad():
+        task_vectors.normal_(0, 0.5)  # task-specific weights, not the init's plain mean
+        out = cma(**batch)
+        task_vectors.copy_(original)
+    for hook in hooks:
+        hook.remove()
+    eot = batch["attention_mask"].sum(dim=1) - 1
+    text = seen["sequence"][torch.arange(2), eot]
+    image = seen["sequence"][:, out.text_length]
+    weights = out.modality_weights
+    assert (weights - 0.5).abs().min() > 0.01
+    for k in range(len(TASKS)):
+        expected = weights[:, k, :1] * text + weights[:, k, 1:] * image
+        torch.testing.assert_close(seen[("fused", k)], expected)
+        torch.testing.assert_close(seen[("text", k)], seen["T"][torch.arange(2), eot])
+        torch.testing.assert_close(seen[("image", k)], seen["I"][:, 0])
+
+
+def test_eot_and_cls_embeddings_are_clips_own_text_and_image_features():
+    from transformers import CLIPModel
+
+    model = tiny("concat")
+    clip = CLIPModel(model.backbone.clip_config).eval()
+    backbone = model.backbone
+    clip.text_model.load_state_dict(backbone.text_model.state_dict())
+    clip.vision_model.load_state_dict(backbone.vision_model.state_dict())
+    clip.text_projection.load_state_dict(backbone.text_projection.state_dict())
+    clip.visual_projection.load_state_dict(backbone.visual_projection.state_dict())
+    batch = make_batch([3, 9, 1])
+    seen = {}
+    model.heads[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0]))
+    with torch.no_grad():
+        model(**batch)
+        text = clip.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        image = clip.get_image_features(pixel_values=batch["pixel_values"])
+    # transformers 5 returns the model output with the projected embedding as its pooler_output
+    text, image = (getattr(features, "pooler_output", features) for features in (text, image))
+    width = backbone.width
+    torch.testing.assert_close(seen["input"][:, :width], text)
+    torch.testing.assert_close(seen["input"][:, width:], image)
+
+
+def test_unimodal_heads_learn_from_the_samples_that_have_their_modality():
+    model = tiny(unimodal_loss_weight=0.5)
+    batch = make_batch([3, 5, 8])
+    batch["modality_mask"] = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
+    labels = torch.tensor([[0, 1], [2, 0], [1, -1]])
+    out = model(**batch, labels=labels)
+    assert set(out.unimodal_logits) == {"text", "image"}
+    expected, _ = model.loss(out.logits, labels)
+    for name, rows in (("text", [0, 1]), ("image", [0, 2])):
+        unimodal, _ = model.loss({task: value[rows] for task, value in out.unimodal_logits[name].items()}, labels[rows])
+        expected = expected + 0.5 * unimodal
+    torch.testing.assert_close(out.loss, expected)
+    assert tiny(unimodal_loss_weight=0).unimodal_heads is None and tiny("text").unimodal_heads is None
+
+
+@pytest.mark.parametrize("when_missing", [True, False])
+def test_a_sample_with_one_modality_is_predicted_by_that_modalitys_head(when_missing):
+    model = tiny(unimodal_when_missing=when_missing)
+    batch = make_batch([3, 5, 8])
+    batch["modality_mask"] = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model(**batch)
+    for task in TASKS:
+        heads = out.unimodal_logits
+        assert torch.equal(out.logits[task][0], heads["text"][task][0]) == when_missing
+        assert torch.equal(out.logits[task][1], heads["image"][task][1]) == when_missing
+        assert not torch.equal(out.logits[task][2], heads["text"][task][2])
+
+
+def test_modality_dropout_is_applied_in_training():
+    model = tiny(modality_dropout=0.99).train()
+    weights = model(**make_batch([3] * 16)).modality_weights[:, 0]  # [B, 2] of the first task
+    assert (weights.max(dim=-1).values == 1).float().mean() > 0.8  # one modality left per sample
+
+
 def test_modality_dropout_drops_one_modality_never_both():
     torch.manual_seed(0)
     present = torch.tensor([[1, 1]] * 1000 + [[1, 0], [0, 1]], dtype=torch.bool)
@@ -183,6 +275,21 @@ def test_save_and_load_give_identical_logits_without_the_hub(cma, tmp_path):
 def test_save_pretrained_refuses_a_state_dict_of_another_model(cma, tmp_path):
     with pytest.raises(ValueError, match="unexpected"):
         cma.save_pretrained(tmp_path, state_dict={("module." + k): v for k, v in cma.state_dict().items()})
+
+
+def test_a_model_saved_before_the_unimodal_heads_loads_and_an_unknown_format_is_refused(tmp_path):
+    old = tiny(unimodal_loss_weight=0)  # format 1 had no unimodal heads and no key for them
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["unimodal_loss_weight"], saved["model"]["unimodal_when_missing"]
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
+    loaded = CMAClip.from_pretrained(tmp_path).eval()
+    batch = make_batch([3, 4])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits["color"], old(**batch).logits["color"])
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        CMAClip.from_pretrained(tmp_path)
 
 
 def test_from_pretrained_names_a_folder_that_is_not_a_model(tmp_path):

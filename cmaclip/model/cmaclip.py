@@ -4,6 +4,9 @@
     image        -> CLIP vision encoder -> post_layernorm + visual_proj. --+ + type[image]
     [T; I] (text padding and missing modalities masked) -> SequenceAttention -> T'[EOT], I'[CLS]
     per task k: keyless attention over (T'[EOT], I'[CLS]) -> fused_k -> head_k -> logits_k
+    per task k (fused variants): text head_k(T[EOT]), image head_k(I[CLS]) on the CLIP embeddings ->
+                unimodal logits, trained with an auxiliary loss so that each encoder learns its
+                own modality; they answer for a sample that has only their modality
 
 The fusion variants (`model.fusion`) change only what reaches the heads, for a fair ablation:
 cma-no-modality replaces the modality attention by the mean over present modalities; concat,
@@ -29,8 +32,9 @@ from cmaclip.model.fusion import KeylessModalityAttention, TaskHead, mean_weight
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-SAVE_FORMAT_VERSION = 1
+SAVE_FORMAT_VERSION = 2  # 2: unimodal heads (model.unimodal_loss_weight)
 TEXT, IMAGE = 0, 1  # modality order everywhere: the sequence, modality_mask, modality_weights
+MODALITY_NAMES = ("text", "image")
 
 
 class CMAClipOutput(dict):
@@ -51,13 +55,18 @@ class CMAClipOutput(dict):
                       patches]
     text_length       text positions in the sequence: the batch's longest attended text
                       (padding beyond it is trimmed before the encoders: it is masked anyway)
+    unimodal_logits   "text" | "image" -> task -> [B, classes]: the unimodal heads' predictions
+                      (fused variants with model.unimodal_loss_weight > 0; else {}). A head's
+                      prediction for a sample without its modality is meaningless.
     """
 
     def __init__(self, logits: dict[str, torch.Tensor], modality_weights: torch.Tensor,
                  loss: torch.Tensor | None = None, task_losses: dict[str, torch.Tensor] | None = None,
-                 attentions: list[torch.Tensor] | None = None, text_length: int = 0):
+                 attentions: list[torch.Tensor] | None = None, text_length: int = 0,
+                 unimodal_logits: dict[str, dict[str, torch.Tensor]] | None = None):
         super().__init__(logits=logits, modality_weights=modality_weights, loss=loss,
-                         task_losses=task_losses or {}, attentions=attentions, text_length=text_length)
+                         task_losses=task_losses or {}, attentions=attentions, text_length=text_length,
+                         unimodal_logits=unimodal_logits or {})
 
     def __getattr__(self, name: str):
         try:
@@ -112,13 +121,18 @@ class CMAClip(nn.Module):
         if fusion == "cma":
             self.modality_attention = KeylessModalityAttention(len(tasks), width)
         head_in = 2 * width if fusion == "concat" else width
-        self.heads = nn.ModuleList(
-            TaskHead(head_in, config.head_hidden or width, len(classes), config.dropout)
-            for classes in tasks.values())
+        self.heads = self._task_heads(head_in)
+        self.unimodal_heads = None
+        if self.uses_text and self.uses_image and config.unimodal_loss_weight > 0:
+            self.unimodal_heads = nn.ModuleDict({name: self._task_heads(width) for name in MODALITY_NAMES})
         if config.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
             if self.sequence_attention is not None:
                 self.sequence_attention.gradient_checkpointing = True
+
+    def _task_heads(self, in_width: int) -> nn.ModuleList:
+        return nn.ModuleList(TaskHead(in_width, self.config.head_hidden or self.backbone.width, len(classes),
+                                      self.config.dropout) for classes in self.tasks.values())
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, modality_mask: torch.Tensor | None = None,
@@ -145,6 +159,8 @@ class CMAClip(nn.Module):
 
         rows = torch.arange(batch, device=device)
         attentions = None
+        clip_embeddings = (text_states[rows, eot] if self.uses_text else None,
+                           image_states[:, 0] if self.uses_image else None)
         if self.sequence_attention is not None:
             sequence = torch.cat([text_states + self.modality_embedding[TEXT],
                                   image_states + self.modality_embedding[IMAGE]], dim=1)
@@ -153,15 +169,25 @@ class CMAClip(nn.Module):
             sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions)
             text_cls, image_cls = sequence[rows, eot], sequence[:, text_length]
         else:
-            text_cls = text_states[rows, eot] if self.uses_text else None
-            image_cls = image_states[:, 0] if self.uses_image else None
+            text_cls, image_cls = clip_embeddings
 
         task_inputs, weights = self._fuse(text_cls, image_cls, present)
         logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
+        unimodal_logits = {}
+        if self.unimodal_heads is not None:
+            unimodal_logits = {name: {task: head(clip_embeddings[m]) for task, head in zip(self.task_names, heads)}
+                               for m, (name, heads) in enumerate(self.unimodal_heads.items())}
+        if unimodal_logits and self.config.unimodal_when_missing and not self.training:
+            logits = with_unimodal_when_missing(logits, unimodal_logits, present)
         output = CMAClipOutput(logits=logits, modality_weights=weights.float(), attentions=attentions,
-                               text_length=text_length)
+                               text_length=text_length, unimodal_logits=unimodal_logits)
         if labels is not None:
             output.loss, output.task_losses = self.loss(logits, labels)
+            for m, name in enumerate(unimodal_logits):
+                # each head learns from the samples that have its modality (after modality dropout)
+                with_modality = torch.where(present[:, m, None].to(labels.device), labels, -1)
+                unimodal_loss, _ = self.loss(unimodal_logits[name], with_modality)
+                output.loss = output.loss + self.config.unimodal_loss_weight * unimodal_loss
         return output
 
     def _fuse(self, text_cls, image_cls, present):
@@ -240,9 +266,12 @@ class CMAClip(nn.Module):
                 raise FileNotFoundError(f"{path} not found: is {directory} a folder written by "
                                         "CMAClip.save_pretrained (an output_dir's model/)?")
         saved = json.loads(config_path.read_text())
-        if saved.get("format_version") != SAVE_FORMAT_VERSION:
+        if saved.get("format_version") == 1:
+            # version 1 predates the unimodal heads: the same model, built without them
+            saved["model"].setdefault("unimodal_loss_weight", 0.0)
+        elif saved.get("format_version") != SAVE_FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {saved.get('format_version')!r}, "
-                             f"this cmaclip reads {SAVE_FORMAT_VERSION}")
+                             f"this cmaclip reads 1 and {SAVE_FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(saved["model"]) - known)
         if unknown:
@@ -250,6 +279,17 @@ class CMAClip(nn.Module):
         model = cls(ModelConfig(**saved["model"]), saved["tasks"], clip_config=saved["clip"])
         model.load_state_dict(load_file(str(weights_path)))
         return model.to(map_location)
+
+
+def with_unimodal_when_missing(logits: dict[str, torch.Tensor], unimodal_logits: dict[str, dict[str, torch.Tensor]],
+                               present: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused logits, except for samples that have one modality only: there the logits of that
+    modality's unimodal head."""
+    text_only = (present[:, TEXT] & ~present[:, IMAGE])[:, None]
+    image_only = (present[:, IMAGE] & ~present[:, TEXT])[:, None]
+    return {task: torch.where(text_only, unimodal_logits["text"][task],
+                              torch.where(image_only, unimodal_logits["image"][task], fused))
+            for task, fused in logits.items()}
 
 
 def drop_one_modality(present: torch.Tensor, probability: float) -> torch.Tensor:

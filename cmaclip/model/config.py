@@ -82,6 +82,19 @@ class ModelConfig:
     """Training only: probability that a sample with both modalities loses one of them (text or
     image, equally likely; never both), so the model learns to predict from either alone."""
 
+    unimodal_loss_weight: float = 1.0
+    """Fused variants (cma, cma-no-modality, concat): each task also gets a text-only and an
+    image-only head on CLIP's own T[EOT] / I[CLS] embeddings (before the sequence attention, so a
+    head sees the same input whether or not the other modality is there), and their cross
+    entropies (each over the samples that have the modality),
+    times this weight, join the loss. It makes each encoder learn its own modality: without it
+    the fused model learns whichever modality is easiest to fit and leaves the other untrained
+    (docs/RESULTS.md). 0 = no unimodal heads (a model without them saves and loads as before)."""
+
+    unimodal_when_missing: bool = True
+    """Evaluation and prediction of a model with unimodal heads: a sample with one modality only
+    (no title, or no photo) gets the prediction of that modality's head instead of the fused head's."""
+
     label_smoothing: float = 0.0
     """Label smoothing of every task's cross entropy."""
 
@@ -111,6 +124,8 @@ class ModelConfig:
         for name in ("head_hidden", "image_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}: must be >= 0 (0 = default), got {getattr(self, name)}")
+        if self.unimodal_loss_weight < 0:
+            raise ValueError(f"model.unimodal_loss_weight: must be >= 0, got {self.unimodal_loss_weight}")
         for name in ("dropout", "modality_dropout", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}: must be in [0, 1), got {getattr(self, name)}")
