@@ -122,7 +122,7 @@ train() {
         data.eval_split=none "train.max_steps=$STEPS" "train.batch_size=$BATCH" train.save_every=0 \
         train.export=false train.resume= optim.freeze_backbone_steps=0 "logging.log_every=$LOG_EVERY" \
         "output_dir=$OUT/$name" "$@"
-    grep -E "^(training on|model:|efficiency:)" "$OUT/$name.log" | sed 's/^/  /' | tee -a "$SUMMARY"
+    grep -E "^(training on|loader:|model:|efficiency:)" "$OUT/$name.log" | sed 's/^/  /' | tee -a "$SUMMARY"
 }
 train ddp "$DDP_LAUNCHER"
 if [[ " $missing " == *" deepspeed "* ]]; then

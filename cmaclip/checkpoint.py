@@ -5,7 +5,7 @@ Layout under output_dir:
     checkpoints/step-000000500/     one resumable state (accelerator.save_state: model, optimizer,
         trainer_state.json          scheduler, RNG of every rank; DeepSpeed: its ZeRO partitions)
         loader-rank00000.pt         + each rank's loader position, + trainer_state.json (written
-        ...                         last: step, world size)
+        ...                         last: step, world size; another world size resumes elastically)
     checkpoints/.tmp-step-.../      a save in progress (or one that crashed): never read
     model/                          the exported model (CMAClip.from_pretrained)
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cmaclip import elastic
 from cmaclip.config import ConfigError
 from cmaclip.errors import CmaclipError, disk_error
 
@@ -127,14 +128,15 @@ def cleaned_up_on_failure(staging: Path):
 
 
 def load_checkpoint(accelerator, checkpoint: str | Path, loader) -> int:
-    """Restore model, optimizer, scheduler, RNG and this rank's loader position. Returns the step."""
+    """Restore model, optimizer, scheduler, RNG and this rank's loader position. Returns the step.
+    A checkpoint of another number of processes resumes elastically (elastic.py)."""
     checkpoint = Path(checkpoint)
     state = read_trainer_state(checkpoint)
     if state["world_size"] != accelerator.num_processes:
-        raise ConfigError(
-            f"{checkpoint} was written by {state['world_size']} processes, this run has "
-            f"{accelerator.num_processes}: resume with the same number of processes (ZeRO partitions "
-            f"and per-rank data positions are tied to it)")
+        loader_states = [torch.load(checkpoint / loader_state_name(rank), weights_only=False)
+                         for rank in range(state["world_size"])]
+        elastic.load(accelerator, checkpoint, DEEPSPEED_TAG, int(state["step"]), loader, loader_states)
+        return int(state["step"])
     accelerator.load_state(str(checkpoint))
     loader_state = torch.load(checkpoint / loader_state_name(accelerator.process_index), weights_only=False)
     loader.load_state_dict(loader_state)

@@ -98,8 +98,13 @@ class TrainConfig:
     """Seeds model init, data order and augmentation, dropout. Same seed, same run."""
 
     mixed_precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | no. Under DeepSpeed this fills the
-    `bf16.enabled: auto` of the ds_config."""
+    """auto (bf16 autocast on GPUs that compute bf16 natively, Ampere and newer; fp32 on CPU and
+    older GPUs) | bf16 | no. Under DeepSpeed this fills the `bf16.enabled: auto` of the ds_config."""
+
+    cudnn_attention: bool = True
+    """On CUDA, let attention use cuDNN's fused kernel (torch prefers it on Hopper with a recent
+    cuDNN). false turns it off (Flash / memory-efficient kernels instead): for NaN gradients with
+    padding masks, as reported in pytorch#196678 (README, troubleshooting)."""
 
     save_every: int = 500
     """Save a resumable checkpoint every this many optimizer steps (and always at the end);
@@ -147,7 +152,10 @@ class LoggingConfig:
     """The `logging.*` keys: what rank 0 reports while training."""
 
     log_every: int = 10
-    """Write the train/* TensorBoard scalars every this many optimizer steps."""
+    """Write the train/* TensorBoard scalars every this many optimizer steps. The ranks also agree
+    on a stop request (SIGUSR1, Slurm's warning 120 s before the time limit; SIGTERM) at these
+    steps only, to save the all-reduce and host sync of every other step: keep log_every x the
+    step time well under 120 s, and under Slurm's KillWait (30 s by default) for SIGTERM."""
 
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tensorboard (rank 0 only)."""

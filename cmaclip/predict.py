@@ -214,6 +214,8 @@ def product_input_parser(command: str, description: str, out_help: str) -> argpa
     parser.add_argument("--text-column", default="text", help="the title field/column")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
+                        help="bf16 autocast: auto = on GPUs that compute bf16 natively (train.mixed_precision)")
     return parser
 
 
@@ -241,9 +243,13 @@ def run_with_model(command: str, args, work):
     from cmaclip.data.catalog import CatalogError
     from cmaclip.evaluate import load_model
 
+    from cmaclip.distributed import resolve_mixed_precision
+
     device = resolve_device(args.device)
+    bf16 = resolve_mixed_precision(args.mixed_precision, device.type) == "bf16"
     try:
-        return work(load_model(args.checkpoint, device), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return work(load_model(args.checkpoint, device), device)
     except (FileNotFoundError, CatalogError, ValueError) as error:
         print(f"cmaclip {command}: {error}", file=sys.stderr)
         sys.exit(2)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from cmaclip import checkpoint
 from cmaclip.config import ConfigError, RunConfig, to_dict, to_yaml
+from cmaclip.distributed import all_ranks_ok
 from cmaclip.errors import CmaclipError
 
 # Keys whose change would silently reinterpret a checkpoint (model.fusion_heads 4 -> 8 loads the
@@ -52,14 +50,6 @@ def compare(saved: dict, current: RunConfig, source: Path) -> list[str]:
                           f"output_dir")
     return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in changed
             if key not in ("train.resume", "output_dir")]
-
-
-def all_ranks_ok(accelerator, ok: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def first_line(error: BaseException) -> str:

@@ -23,9 +23,9 @@ from torch import nn
 
 from cmaclip import checkpoint, resume, runlock
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
-from cmaclip.data.loader import build_loader, model_inputs
-from cmaclip.distributed import (StopRequest, die_with_launcher, fill_deepspeed_config, make_accelerator,
-                                 quiet_libraries, shutdown, uses_deepspeed)
+from cmaclip.data.loader import backend_reason, build_loader, model_inputs
+from cmaclip.distributed import (StopRequest, adamw_implementation, die_with_launcher, fill_deepspeed_config,
+                                 make_accelerator, quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
 from cmaclip.guard import NonFiniteGuard
 from cmaclip.telemetry import Telemetry
@@ -59,8 +59,10 @@ def parameter_groups(model, optim: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model, optim: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=optim.eps)
+def build_optimizer(model, optim: OptimConfig, **implementation) -> torch.optim.AdamW:
+    """implementation: AdamW's fused / foreach flags (distributed.adamw_implementation)."""
+    return torch.optim.AdamW(parameter_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             **implementation)
 
 
 def lr_factor(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -107,7 +109,7 @@ def _build_cmaclip(config: RunConfig, dataset):
 
 
 def _supervised_loss(model, batch):
-    output = model(**model_inputs(batch, with_labels=True))
+    output = model(**model_inputs(batch, with_labels=True, with_host_facts=True))
     return output.loss, list(output.task_losses.values())
 
 
@@ -293,10 +295,11 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     resume_from = checkpoint.resolve_resume(config.train.resume, output_dir)
     set_seed(config.train.seed)  # the same initial weights on every rank
     dataset = load_dataset_info(config.data.shards)
-    model = objective.build_model(config, dataset)
+    with accelerator.main_process_first():  # fills the hub cache once (model.pretrained), then the rest read it
+        model = objective.build_model(config, dataset)
     train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
     telemetry = Telemetry(model, config, accelerator)  # counts on the plain model: before prepare
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, **adamw_implementation(accelerator))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     if uses_deepspeed(accelerator):
         clip = model.backbone.clip_config
@@ -316,7 +319,8 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     if resume_from is not None:
         monitor.line(f"resumed from {resume_from} at step {step}")
     monitor.line(f"training on {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
-                 f"{train_loader.backend} loader, {len(train_loader)} batches per epoch per rank")
+                 f"precision {accelerator.mixed_precision}, {len(train_loader)} batches per epoch per rank")
+    monitor.line(f"loader: {train_loader.backend} ({backend_reason(config.data.loader)})")
     monitor.line(telemetry.opening_line())
     telemetry.log_start(monitor.writer, step)
 
@@ -365,7 +369,8 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
         if config.train.save_every and step % config.train.save_every == 0 and not last_step:
             saved_step, saved = step, save(step)
             stats.reset()
-        if not last_step and stop.agreed(accelerator):
+        # agreeing is an all-reduce and a host sync: at logging steps only (Slurm warns 120 s early)
+        if not last_step and step % config.logging.log_every == 0 and stop.agreed(accelerator):
             if saved_step != step:
                 save(step)
             if accelerator.is_main_process:

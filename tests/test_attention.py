@@ -105,3 +105,37 @@ def test_cuda_bf16_autocast_sequence_attention_matches_its_reference_path(untrai
         reference, _ = block(x, key_mask, return_attentions=True)
     assert torch.isfinite(fused).all()
     assert (fused.float() - reference.float()).abs().max() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn-allowed", "cudnn-off"])
+@pytest.mark.parametrize("masked", [True, False], ids=["padding-mask", "no-mask"])
+def test_cuda_bf16_backward_through_the_packed_qkv_view(masked, cudnn):
+    """SelfAttention hands SDPA q, k, v as strided views into one packed projection (no copies);
+    the fused kernels torch picks on this GPU (cuDNN too, unless train.cudnn_attention=false) must
+    give finite gradients of the input and of every weight, matching the explicit fp32 path."""
+    torch.manual_seed(0)
+    block = SequenceAttention(width=512, heads=8, layers=2).cuda().train()
+    with torch.no_grad():  # the zero-initialised residual branches would hide the attention's gradients
+        for parameter in block.parameters():
+            parameter.normal_(0, 0.05)
+    x = torch.randn(8, 77 + 50, 512, device="cuda", requires_grad=True)
+    key_mask = padded_key_mask([10, 77, 30, 5, 60, 77, 1, 40], 77, 50).cuda() if masked else None
+
+    def gradients(**kwargs):
+        block.zero_grad()
+        x.grad = None
+        out, _ = block(x, key_mask, **kwargs)
+        out.float().square().mean().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    expected = gradients(return_attentions=True)  # explicit softmax(QK^T)V in fp32
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = gradients()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    for got, want in zip(fused, expected):
+        assert torch.isfinite(got).all()
+        assert (got.float() - want).norm() <= 0.05 * want.norm() + 1e-6

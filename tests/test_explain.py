@@ -95,7 +95,8 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def test_explain_command_draws_pictures_with_maps_that_sum_to_one(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])  # bf16: the autocast GPUs run (auto)
+def test_explain_command_draws_pictures_with_maps_that_sum_to_one(tiny_model_dir, tmp_path, capsys, mixed_precision):
     import json
 
     wide = Image.new("RGB", (300, 200), (200, 0, 0))
@@ -109,7 +110,8 @@ def test_explain_command_draws_pictures_with_maps_that_sum_to_one(tiny_model_dir
     catalogue = tmp_path / "in.jsonl"
     catalogue.write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "pictures"
-    explain.main(["--checkpoint", str(tiny_model_dir), "--input", str(catalogue), "--out", str(out), "--limit", "2"])
+    explain.main(["--checkpoint", str(tiny_model_dir), "--input", str(catalogue), "--out", str(out), "--limit", "2",
+                  "--mixed-precision", mixed_precision])
     printed = capsys.readouterr()
     assert "line 2 (id text-only): no usable image" in printed.err
     index = json.loads((out / "explanations.json").read_text())["explanations"]

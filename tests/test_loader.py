@@ -16,7 +16,7 @@ from PIL import Image
 
 from cmaclip.data.config import DataConfig
 from cmaclip.data.format import attention_mask_from_tokens, decode_int32, load_dataset_info
-from cmaclip.data.loader import attention_mask, build_loader, rank_share, resolve_backend
+from cmaclip.data.loader import HOST_FACTS, attention_mask, build_loader, rank_share, resolve_backend
 from cmaclip.data import pil
 from cmaclip.data.pil import preprocess_image
 from cmaclip.data.shards import write_shards
@@ -111,12 +111,17 @@ def test_batches_follow_the_contract(shards, backend):
     batch = batches[0]
     expected = {"pixel_values": (torch.float32, (4, 3, 48, 48)), "input_ids": (torch.int64, (4, 77)),
                 "attention_mask": (torch.int64, (4, 77)), "labels": (torch.int64, (4, 1)),
-                "modality_mask": (torch.bool, (4, 2)), "index": (torch.int64, (4,))}
+                "modality_mask": (torch.bool, (4, 2)), "index": (torch.int64, (4,)),
+                "text_length": (torch.int64, ()), "nothing_masked": (torch.bool, ())}
     assert {key: (value.dtype, tuple(value.shape)) for key, value in batch.items()} == expected
     # eval batches come in shard order, the last one padded
     assert [i for b in batches for i in b["index"].tolist()] == list(range(VAL_SAMPLES)) + [-1]
     assert torch.equal(batch["attention_mask"],
                        torch.from_numpy(attention_mask_from_tokens(batch["input_ids"].numpy())))
+    for each in batches:  # the facts the model would otherwise read from the device
+        lengths = each["attention_mask"].sum(1)
+        assert each["text_length"] == lengths.max()
+        assert bool(each["nothing_masked"]) == bool((lengths == lengths.max()).all() and each["modality_mask"].all())
     numbers = product_numbers(shards, "val")
     labels = [info.tasks["colour"].index(COLOURS[numbers[i] % 3]) for i in range(4)]
     assert batch["labels"][:, 0].tolist() == labels
@@ -218,6 +223,41 @@ def test_resume_refuses_a_different_world_size(shards, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("legs", [((2, 2), (1, 1), (1, 1), (2, None)), ((1, 3), (2, None))], ids=["2-1-1-2", "1-2"])
+def test_elastic_resume_covers_the_epoch_exactly_once(shards, backend, train, legs):
+    """Each leg: `world` ranks take `batches` batches each (None: the rest of the epoch) and save;
+    the next leg resumes those states on its own world size (elastically when it differs). Every
+    sample of the epoch is read exactly once over all legs, ranks stay in step, and the next epoch
+    follows the normal rule."""
+    seen, states = [], None
+    for world, batches in legs:
+        loaders = [make_loader(shards, backend, train=train, rank=rank, world_size=world) for rank in range(world)]
+        for rank, loader in enumerate(loaders):
+            if states is not None and len(states) == world:
+                loader.load_state_dict(states[rank])
+            elif states is not None:
+                loader.load_elastic_state(states)
+        assert len({len(loader) for loader in loaders}) == 1
+        for loader in loaders:
+            taken = list(loader) if batches is None else take(loader, batches)
+            seen += [i for batch in taken for i in real_indices(batch)]
+        states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    assert sorted(seen) == list(range(TRAIN_SAMPLES))
+    assert all(loader.epoch == 1 for loader in loaders)
+    next_epoch = [i for loader in loaders for batch in loader for i in real_indices(batch)]
+    assert sorted(next_epoch) == list(range(TRAIN_SAMPLES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elastic_resume_refuses_states_from_before_it_existed(shards, backend):
+    loaders = [make_loader(shards, backend, rank=rank, world_size=2) for rank in range(2)]
+    states = [{key: value for key, value in loader.state_dict().items() if key != "consumed"} for loader in loaders]
+    with pytest.raises(ValueError, match="predate elastic resume; resume with the 2 processes"):
+        make_loader(shards, backend).load_elastic_state(states)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_training_order_and_crops_change_every_epoch(shards, backend):
     loader = make_loader(shards, backend, batch_size=TRAIN_SAMPLES, crop_min_scale=0.5)
     epochs = [list(loader)[0] for _ in range(2)]
@@ -290,7 +330,8 @@ def test_batches_land_on_the_gpu(shards, backend):
     cpu = build_loader(shards, "val", config=DataConfig(loader=backend), batch_size=4,
                        image_size=32, train=False)
     for on_gpu, on_cpu in zip(loader, cpu, strict=True):
-        assert all(value.device.type == "cuda" for value in on_gpu.values())
+        assert all(on_gpu[key].device.type == "cuda" for key in on_gpu if key not in HOST_FACTS)
+        assert all(on_gpu[key].device.type == "cpu" for key in HOST_FACTS)
         assert torch.equal(on_gpu["index"].cpu(), on_cpu["index"])
         assert (on_gpu["pixel_values"].cpu() - on_cpu["pixel_values"]).abs().mean() < 0.01
 

@@ -358,3 +358,15 @@ def test_image_size_override_and_gradient_checkpointing():
     out = model(**make_batch([3, 4], image_size=32), labels=torch.tensor([[0, 1], [1, 0]]))
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_host_facts_replace_what_the_model_would_read_from_the_device(cma):
+    """The loader's text_length and nothing_masked (counted on the host) spare the model two
+    device syncs; given, they are used, and the outputs are those the model computes without them."""
+    padded = make_batch([3, 7])
+    longer = cma(**padded, text_length=11, nothing_masked=False)  # 9 needed: trimming less is exact
+    assert longer.text_length == 11
+    torch.testing.assert_close(longer.logits["color"], cma(**padded).logits["color"])
+    equal = make_batch([5, 5])
+    torch.testing.assert_close(cma(**equal, text_length=7, nothing_masked=True).logits["color"],
+                               cma(**equal).logits["color"])

@@ -42,10 +42,11 @@ def run_predict(capsys, *argv):
     return capsys.readouterr()
 
 
-def test_every_usable_product_is_predicted(model_dir, catalogue, tmp_path, capsys):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])  # bf16: the autocast GPUs run (auto)
+def test_every_usable_product_is_predicted(model_dir, catalogue, tmp_path, capsys, mixed_precision):
     out = tmp_path / "preds.jsonl"
     printed = run_predict(capsys, "--checkpoint", str(model_dir.parent), "--input", str(catalogue),
-                          "--out", str(out), "--top-k", "2")
+                          "--out", str(out), "--top-k", "2", "--mixed-precision", mixed_precision)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["full", "no-image", "no-title", "bad-path", "42"]
     by_id = {line["id"]: line for line in lines}

@@ -134,10 +134,6 @@ def test_resume_settings(tmp_path):
     assert checkpoint.resolve_resume(str(saved), tmp_path) == saved
     with pytest.raises(ConfigError, match="train.resume=auto"):
         checkpoint.resolve_resume("", tmp_path)
-    accelerator = FakeAccelerator()
-    accelerator.num_processes = 4
-    with pytest.raises(ConfigError, match="written by 1 processes, this run has 4"):
-        checkpoint.load_checkpoint(accelerator, saved, FakeLoader())
 
 
 def test_a_launcher_that_started_fewer_processes_is_an_error(monkeypatch):
@@ -148,7 +144,11 @@ def test_a_launcher_that_started_fewer_processes_is_an_error(monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_sigusr1_and_sigterm_request_a_stop(sig):
+def test_sigusr1_and_sigterm_request_a_stop(sig, monkeypatch):
+    from cmaclip import errors
+
+    # the handler records the signal process-wide; later tests in this process must not see it
+    monkeypatch.setattr(errors, "received_signal", None)
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         stop = StopRequest()

@@ -1,6 +1,7 @@
 """Training in subprocesses on the CPU: DDP over gloo, DeepSpeed ZeRO-2 and ZeRO-3 (same losses as
 DDP, consolidated export), gradient accumulation, bitwise resume, and the Slurm job on two
-simulated nodes with SIGUSR1 preemption, requeue and auto-resume.
+simulated nodes with SIGUSR1 preemption, requeue and auto-resume. The same in bf16 (what every GPU
+run gets): one process, DDP, ZeRO-2 and ZeRO-3, all on the CPU with the GPUs hidden.
 
 Every run trains the tiny preset on the session's fashion shards (90 training products) for a few
 steps, through the command lines users run (`accelerate launch ... -m cmaclip.train`,
@@ -9,6 +10,7 @@ steps, through the command lines users run (`accelerate launch ... -m cmaclip.tr
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,8 +40,10 @@ def free_port() -> int:
 
 
 def environment() -> dict:
-    # one thread per rank (two ranks share the machine), no library warnings, no GPU probing
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+    # one thread per rank (two ranks share the machine), no library warnings, the CPU even on a
+    # GPU machine (GPUs hidden), no GPU probing
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu",
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def overrides(shards: Path, *extra: str) -> list[str]:
@@ -48,11 +52,17 @@ def overrides(shards: Path, *extra: str) -> list[str]:
             "data.workers=1", "data.eval_split=none", "optim.warmup_steps=2", *extra]
 
 
-def launch(accelerate_config: str, shards: Path, output_dir: Path, *extra: str, launch_flags=(),
+def launch(accelerate_config: str | None, shards: Path, output_dir: Path, *extra: str, launch_flags=(),
            module: str = "cmaclip.train", recipe: str = RECIPE) -> str:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ACCELERATE_DIR / accelerate_config), "--main_process_port", str(free_port()), *launch_flags,
-               "-m", module, "--config", recipe, *overrides(shards, *extra), f"output_dir={output_dir}"]
+    """One training run through a user's command line: `accelerate launch --config_file
+    launchers/accelerate/<accelerate_config> ... -m cmaclip.train`, or with accelerate_config None
+    a single process, `python -m cmaclip.train`; `module` and `recipe` pick another command of the
+    same loop (cmaclip.pretrain). -> its stdout."""
+    launcher = [] if accelerate_config is None else [
+        "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_DIR / accelerate_config),
+        "--main_process_port", str(free_port()), *launch_flags]
+    command = [sys.executable, *launcher, "-m", module, "--config", recipe, *overrides(shards, *extra),
+               f"output_dir={output_dir}"]
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
@@ -179,9 +189,68 @@ def test_deepspeed_export_loads_in_a_fresh_process_without_deepspeed(zero_run, t
     assert "masterCategory" in done.stdout
 
 
+# bf16 on the CPU, through each launcher a GPU run would use: autocast for one process and DDP,
+# DeepSpeed's bf16 (bf16 weights, fp32 master copy and communication) for ZeRO-2 and ZeRO-3.
+BF16_LAUNCHES = {
+    "one process": (None, ()),
+    "ddp": ("cpu.yaml", ()),
+    "zero2": ("cpu-deepspeed.yaml", ("--deepspeed_config_file", "ds_configs/zero2.json")),
+    "zero3": ("cpu-deepspeed.yaml", ("--deepspeed_config_file", "ds_configs/zero3.json")),
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(fashion_shards, tmp_path_factory):
+    """launch name -> the output_dir of its 8-step bf16 run (each run once, on first use)."""
+    runs = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            accelerate_config, flags = BF16_LAUNCHES[name]
+            output_dir = tmp_path_factory.mktemp(f"bf16-{name.replace(' ', '-')}") / "run"
+            stdout = launch(accelerate_config, fashion_shards, output_dir, "train.mixed_precision=bf16",
+                            launch_flags=flags)
+            assert "precision bf16" in stdout and "loader: " in stdout
+            runs[name] = output_dir
+        return runs[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", BF16_LAUNCHES)
+def test_bf16_training_learns_and_exports_fp32_weights(name, bf16_runs):
+    run = bf16_runs(name)
+    assert_learns(losses(run))
+    exported = load_file(run / "model" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in exported.values())
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_bf16_deepspeed_resumes_bitwise(name, bf16_runs, fashion_shards, tmp_path):
+    """DeepSpeed's bf16 checkpoints hold bf16 weights and fp32 master copies (autocast's hold fp32
+    weights, as the fp32 resume test does): steps 5-8 resumed from step 4 repeat the original's."""
+    run = bf16_runs(name)
+    accelerate_config, flags = BF16_LAUNCHES[name]
+    resumed = tmp_path / "resumed"
+    launch(accelerate_config, fashion_shards, resumed, "train.mixed_precision=bf16",
+           f"train.resume={run / 'checkpoints' / 'step-000000004'}", launch_flags=flags)
+    original, again = losses(run), losses(resumed)
+    assert sorted(again) == list(range(5, STEPS + 1))
+    assert [again[s] for s in again] == [original[s] for s in again]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_bf16_deepspeed_follows_bf16_ddp(name, bf16_runs):
+    """DeepSpeed computes in bf16 weights (autocast keeps fp32 weights), so the curves differ by
+    bf16 rounding; reductions in fp32 (communication_data_type) keep that difference small."""
+    assert losses(bf16_runs(name)) == pytest.approx(losses(bf16_runs("ddp")), rel=2e-3)
+
+
 SRUN_STUB = """#!/usr/bin/env bash
 # srun for one machine: runs the command once per "node" with SLURM_NODEID set, like srun
-# --ntasks-per-node 1 on N nodes, and records each task's pid (to signal one node).
+# --ntasks-per-node 1 on N nodes, and records each task's pid (to signal one node) and the CPUs per
+# task it was given.
+echo "${SRUN_CPUS_PER_TASK:-none}" > "$SRUN_CPUS"
 while [[ "$1" == --* ]]; do case "$1" in --nodes|--ntasks-per-node) shift 2;; *) shift;; esac; done
 pids=()
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
@@ -212,19 +281,22 @@ def submit(tmp_path: Path, shards: Path, output_dir: Path, *extra: str) -> subpr
         (stubs / name).chmod(0o755)
     (tmp_path / "pids").unlink(missing_ok=True)
     env = {**environment(), "PATH": f"{stubs}:{os.environ['PATH']}", "SRUN_PIDS": str(tmp_path / "pids"),
-           "REQUEUED": str(tmp_path / "requeued"), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cmaclip",
+           "REQUEUED": str(tmp_path / "requeued"), "SRUN_CPUS": str(tmp_path / "srun-cpus"),
+           "SLURM_CPUS_PER_TASK": "3", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cmaclip",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "1",
            "MAIN_PORT": str(free_port()), "OUTPUT_DIR": str(output_dir), "PYTHON_ENV": sys.prefix}
-    env.pop("ACCELERATE_CONFIG", None)  # the script's default: multinode-zero3.yaml
+    env.pop("ACCELERATE_CONFIG", None)  # the script's default: multinode-zero2.yaml
+    env.pop("SRUN_CPUS_PER_TASK", None)
     return subprocess.Popen(["bash", str(SBATCH), RECIPE, *overrides(shards, *extra)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fashion_shards, tmp_path):
-    """train.sbatch -> srun (one task per node) -> launch.sh -> accelerate launch with the script's
-    default multinode-zero3.yaml, two "nodes" on one machine. SIGUSR1 reaches node 1's task only (as a signal may reach one node first): both
-    ranks stop at the same step, save, mark the run PREEMPTED, and the job requeues itself; the
-    requeued job resumes from that checkpoint (train.resume=auto) and finishes."""
+    """train.sbatch -> srun (one task per node, given the job's CPUs per task) -> launch.sh ->
+    accelerate launch with the script's default multinode-zero2.yaml, two "nodes" on one machine.
+    SIGUSR1 reaches node 1's task only (as a signal may reach one node first): both ranks stop at
+    the same step, save, mark the run PREEMPTED, and the job requeues itself; the requeued job
+    resumes from that checkpoint (train.resume=auto) and finishes."""
     output_dir = tmp_path / "run"
     job = submit(tmp_path, fashion_shards, output_dir, "train.max_steps=1000", "train.save_every=0")
     deadline = time.time() + 240
@@ -237,6 +309,7 @@ def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fash
     assert job.returncode == 0, output
     stopped_at = int((output_dir / "PREEMPTED").read_text())
     assert "stopped on SIGUSR1" in output and "requeueing" in output
+    assert (tmp_path / "srun-cpus").read_text().split() == ["3"]
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert 1 <= stopped_at < 1000
     assert [p.name for p in (output_dir / "checkpoints").iterdir()] == [f"step-{stopped_at:09d}"]
@@ -251,3 +324,67 @@ def test_slurm_job_on_two_simulated_nodes_is_preempted_requeued_and_resumed(fash
     assert not (output_dir / "PREEMPTED").exists()
     assert (tmp_path / "requeued").read_text().split() == ["4242"]
     assert (output_dir / "model" / "model.safetensors").is_file()
+
+
+def elastic_legs(shards: Path, saved_run: Path, output_dir: Path, accelerate_config: str, *flags: str) -> None:
+    """Elastic resume of `saved_run`'s 2-rank step-4 checkpoint: 1 rank trains steps 5-6, then 2
+    ranks train steps 7-8, saving after every step."""
+    (output_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved_run / "checkpoints" / "step-000000004", output_dir / "checkpoints" / "step-000000004")
+    for processes, steps in ((1, 6), (2, STEPS)):
+        stdout = launch(accelerate_config, shards, output_dir, "train.resume=auto", f"train.max_steps={steps}",
+                        "train.save_every=1", launch_flags=("--num_processes", str(processes), *flags))
+        assert f"at step {steps - 2}" in stdout and f"training on {processes} process(es)" in stdout
+
+
+def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: dict[int, float]) -> None:
+    """The first epoch, read by 2, then 1, then 2 ranks, holds every training sample exactly once:
+    the checkpoint where it ends lists what each rank consumed (rank 0 also what the earlier legs
+    consumed, unmerged, so a sample read twice would show twice). The loss curve goes on like the
+    uninterrupted 2-rank run's: each of steps 5-8 within 25% of it (the batches differ, and steps
+    5-6 average 8 samples instead of 16), and their mean within 10%."""
+    from cmaclip.data.loader import batches_per_epoch, decode
+
+    samples = load_dataset_info(shards).num_samples("train")
+    consumed_before_resume = 4 * 2 * 8
+    one_rank_steps = batches_per_epoch(samples - consumed_before_resume, 1, 8)
+    assert one_rank_steps > 2, "the 1-rank leg must stop mid-epoch for this test to mean anything"
+    left = samples - consumed_before_resume - 2 * 8
+    epoch_end = 6 + batches_per_epoch(left, 2, 8)
+    checkpoint = output_dir / "checkpoints" / f"step-{epoch_end:09d}"
+    states = [torch.load(checkpoint / f"loader-rank{rank:05d}.pt", weights_only=False) for rank in range(2)]
+    assert all(state["epoch"] == 0 for state in states)
+    seen = sorted(int(i) for state in states for i in decode(state["consumed"]))
+    assert seen == list(range(samples))
+
+    curve = losses(output_dir)
+    assert sorted(curve) == list(range(5, STEPS + 1))
+    for step in curve:
+        assert curve[step] == pytest.approx(reference[step], rel=0.25), (step, curve, reference)
+    mean = sum(curve.values()) / len(curve)
+    assert mean == pytest.approx(sum(reference[step] for step in curve) / len(curve), rel=0.10)
+
+
+@pytest.fixture(scope="module")
+def elastic_ddp_run(ddp_run, fashion_shards, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("elastic-ddp") / "run"
+    elastic_legs(fashion_shards, ddp_run, output_dir, "cpu.yaml")
+    return output_dir
+
+
+def test_elastic_resume_ddp_two_one_two_ranks(elastic_ddp_run, ddp_run, fashion_shards):
+    assert_elastic_epoch_and_curve(fashion_shards, elastic_ddp_run, losses(ddp_run))
+
+
+@pytest.mark.parametrize("zero_run", ["zero2", "zero3"], indirect=True)
+def test_elastic_resume_zero_two_one_two_ranks(zero_run, elastic_ddp_run, fashion_shards, tmp_path, request):
+    """As the DDP test, with the optimizer state (ZeRO-3: also the weights) partitioned by rank:
+    each change of world size goes through DeepSpeed's universal checkpoint. Same batches as the
+    elastic DDP run, whose optimizer state is whole: the same losses (up to float summation order)
+    show that the weights, Adam moments and each parameter group's lr and weight decay arrived."""
+    output_dir = tmp_path / "elastic"
+    stage = f"ds_configs/{request.node.callspec.params['zero_run']}.json"
+    elastic_legs(fashion_shards, zero_run, output_dir, "cpu-deepspeed.yaml", "--deepspeed_config_file", stage)
+    assert_elastic_epoch_and_curve(fashion_shards, output_dir, losses(zero_run))
+    assert losses(output_dir) == pytest.approx(losses(elastic_ddp_run), rel=5e-3)
+    assert not list((output_dir / "checkpoints").glob(".tmp-*"))

@@ -1,7 +1,8 @@
 """The DALI input pipeline: webdataset reader -> JPEG decode (nvJPEG on a GPU) -> crop -> normalize.
 
-On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and every output lands on
-that GPU; otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
+On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and land on that GPU, while
+token ids, labels, indices and modalities stay on the host (the loader reads them there without a
+device sync); otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
 training crops leave DALI as decoded, uint8 and of any size, and `finish_crops` resizes, flips and
 normalizes them with torch, because DALI's CPU resampling costs about four times torch's uint8
 kernel (bench/data.py; 65% of DALI's CPU time per image before). The crop windows and flips are
@@ -58,8 +59,8 @@ def clip_pipeline(*, paths, index_paths, shard_id, num_shards, train, shuffle_bu
                            antialias=True, subpixel_scale=False)
         images = fn.crop_mirror_normalize(images, crop=[image_size, image_size],
                                           crop_pos_x=0.5, crop_pos_y=0.5, **normalize)
-    if on_gpu:
-        tok, lbl, idx, mod = tok.gpu(), lbl.gpu(), idx.gpu(), mod.gpu()
+    # tok, lbl, idx and mod stay on the host, even with a GPU: the loader checks and counts on
+    # them there without waiting for the device, then copies what the model needs
     return images, tok, lbl, idx, mod
 
 
@@ -131,12 +132,16 @@ class DaliLoader(BatchLoader):
         self._buffers = BatchBuffers()
         self.pipeline = None
         self._restore_from = None  # a checkpoint to build the next pipeline from
+        self._maker = None  # reads an elastic resume's rest of an epoch (loader.py)
+        # The loader epoch a fresh pipeline starts in (an elastic resume starts one mid-run): the
+        # reader begins with shard (rank + epoch) % world_size and turns from there, as loader.py says
+        self._first_epoch = 0
 
     def _build_pipeline(self):
         on_gpu = self.device.type == "cuda"
         pipeline = clip_pipeline(
             paths=self.dataset.shard_paths(self.split), index_paths=self.dataset.index_paths(self.split),
-            shard_id=self.rank, num_shards=self.world_size, train=self.train,
+            shard_id=(self.rank + self._first_epoch) % self.world_size, num_shards=self.world_size, train=self.train,
             shuffle_buffer=self.config.shuffle_buffer, image_size=self.image_size,
             crop_min_scale=self.config.crop_min_scale, hflip=self.config.hflip, on_gpu=on_gpu,
             crops_out=self.crops_on_host,
@@ -148,6 +153,8 @@ class DaliLoader(BatchLoader):
 
     def _raw_batches(self, epoch, position):
         if self.pipeline is None:
+            if self._restore_from is None:
+                self._first_epoch = epoch
             self.pipeline = self._build_pipeline()
         # The pipeline's reader keeps its own epoch; one run = one batch, and an epoch ends after
         # exactly len(self) runs (the padding makes it so), so it stays in step with self.position.
@@ -171,11 +178,21 @@ class DaliLoader(BatchLoader):
                          for name, output in zip(OUTPUTS, outputs[-len(OUTPUTS):])}
             yield {"pixel_values": images, **batch}
 
+    def _sample_maker(self):
+        if self._maker is None:
+            from .pil import BatchMaker, SampleTable
+
+            table = SampleTable(self.dataset.shard_paths(self.split), self.dataset.index_paths(self.split))
+            self._maker = BatchMaker(self, table)
+        return self._maker
+
     def _backend_state(self):
         checkpoint = self.pipeline.checkpoint() if self.pipeline is not None else self._restore_from
-        return {"dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode()}
+        return {"dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode(),
+                "dali_first_epoch": self._first_epoch}
 
     def _load_backend_state(self, state):
+        self._first_epoch = state.get("dali_first_epoch", 0)
         checkpoint = state.get("dali_checkpoint")
         self._restore_from = None if checkpoint is None else base64.b64decode(checkpoint)
         self.pipeline = None  # rebuilt from the checkpoint on the next iteration

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from cmaclip.errors import DataError
 
 from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
-from .loader import READ_COMPONENTS, BatchLoader, normalize, rank_share
+from .loader import READ_COMPONENTS, BatchLoader, batches_per_epoch, normalize, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ class BatchMaker:
 
     def __init__(self, loader: "PilLoader", table: SampleTable):
         self.table, self.config = table, loader.config
-        self.num_samples, self.batches_per_epoch = loader.num_samples, len(loader)
+        self.num_samples = loader.num_samples
+        self.batches_per_epoch = batches_per_epoch(loader.num_samples, loader.world_size, loader.batch_size)
         self.batch_size, self.image_size, self.train = loader.batch_size, loader.image_size, loader.train
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.context_length, self.num_tasks = loader.dataset.context_length, len(loader.dataset.tasks)
@@ -252,6 +253,9 @@ class PilLoader(BatchLoader):
         self.maker = BatchMaker(self, table)
         self._stream = None  # the DataLoader iterator over a BatchStream
         self._stream_next = None  # the (epoch, batch) it yields next
+
+    def _sample_maker(self):
+        return self.maker
 
     def _raw_batches(self, epoch, position):
         start = (epoch, position) if position < len(self) else (epoch + 1, 0)

@@ -104,14 +104,19 @@ class SequenceAttention(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                return_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+                return_attentions: bool = False, nothing_masked: bool | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """x [B, S, W], key_mask [B, S] bool -> (x' [B, S, W], per-layer weights or None).
 
-        return_attentions runs the reference attention (same result, slower, weights kept)."""
+        return_attentions runs the reference attention (same result, slower, weights kept).
+        nothing_masked: whether key_mask is all True, if the caller knows (None: read it from the
+        device, a sync)."""
         if key_mask is not None:
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)  # no sample without keys
-            if bool(key_mask.all()):
-                key_mask = None  # nothing masked: lets CUDA use Flash
+            if nothing_masked is None:
+                nothing_masked = bool(key_mask.all())
+            if nothing_masked:
+                key_mask = None  # lets CUDA use Flash
         attentions = [] if return_attentions else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and not return_attentions:

@@ -60,13 +60,11 @@ class CMAClipOutput(dict):
                       prediction for a sample without its modality is meaningless.
     """
 
-    def __init__(self, logits: dict[str, torch.Tensor], modality_weights: torch.Tensor,
-                 loss: torch.Tensor | None = None, task_losses: dict[str, torch.Tensor] | None = None,
-                 attentions: list[torch.Tensor] | None = None, text_length: int = 0,
-                 unimodal_logits: dict[str, dict[str, torch.Tensor]] | None = None):
-        super().__init__(logits=logits, modality_weights=modality_weights, loss=loss,
-                         task_losses=task_losses or {}, attentions=attentions, text_length=text_length,
-                         unimodal_logits=unimodal_logits or {})
+    def __init__(self, fields=(), /, **more):
+        """The fields above as keywords, or as one mapping: Accelerate's mixed-precision wrapper
+        (convert_outputs_to_fp32) rebuilds a dict output as `type(output)({...})`."""
+        super().__init__(loss=None, task_losses={}, attentions=None, text_length=0, unimodal_logits={})
+        self.update(fields, **more)
 
     def __getattr__(self, name: str):
         try:
@@ -136,22 +134,26 @@ class CMAClip(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, modality_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, return_attentions: bool = False) -> CMAClipOutput:
+                labels: torch.Tensor | None = None, return_attentions: bool = False,
+                text_length: int | None = None, nothing_masked: bool | None = None) -> CMAClipOutput:
         """The batch contract of ARCHITECTURE.md: pixel_values [B, 3, S, S], input_ids and
         attention_mask [B, L], modality_mask [B, 2] bool (text, image; None = both present),
         labels [B, K] (-1 = missing). The `image` / `text` variants accept None for the modality
-        they do not read."""
+        they do not read. text_length / nothing_masked: the loader's host-side counts of the batch
+        (model_inputs(..., with_host_facts=True)); without them the model waits for the device."""
         given = pixel_values if input_ids is None else input_ids
         batch, device = given.shape[0], given.device
         present = (torch.ones(batch, 2, dtype=torch.bool, device=device) if modality_mask is None
                    else modality_mask.to(device=device, dtype=torch.bool))
         if self.training and self.config.modality_dropout > 0 and self.uses_text and self.uses_image:
             present = drop_one_modality(present, self.config.modality_dropout)
+            if nothing_masked:
+                nothing_masked = False  # the dropout may have masked a modality: keep the mask
 
-        text_length = 0
+        text_length = text_length if self.uses_text else 0
         text_states = image_states = None
         if self.uses_text:
-            input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask)
+            input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask, text_length)
             text_states = self.backbone.encode_text(input_ids)  # [B, L', W]
             eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # T[CLS]: the last attended token
         if self.uses_image:
@@ -166,7 +168,7 @@ class CMAClip(nn.Module):
                                   image_states + self.modality_embedding[IMAGE]], dim=1)
             key_mask = torch.cat([attention_mask.bool() & present[:, TEXT, None],
                                   present[:, IMAGE, None].expand(-1, image_states.shape[1])], dim=1)
-            sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions)
+            sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions, nothing_masked)
             text_cls, image_cls = sequence[rows, eot], sequence[:, text_length]
         else:
             text_cls, image_cls = clip_embeddings
@@ -208,13 +210,14 @@ class CMAClip(nn.Module):
         embedding = (text_cls if only == TEXT else image_cls) * present[:, only, None]
         return embedding[:, None, :].expand(-1, num_tasks, -1), mean_weights(present, num_tasks)
 
-    def _trim_text(self, input_ids, attention_mask):
+    def _trim_text(self, input_ids, attention_mask, length=None):
         """Drop the padding columns beyond the batch's longest text: exact (the text encoder is
         causal and the sequence attention masks padding) and it shortens every sequence."""
         if input_ids.shape[1] > self.config.context_length:
             raise ValueError(f"input_ids has {input_ids.shape[1]} positions, the model takes at most "
                              f"model.context_length={self.config.context_length}")
-        length = max(int(attention_mask.sum(dim=1).max()), 1)
+        if length is None:
+            length = max(int(attention_mask.sum(dim=1).max()), 1)
         return input_ids[:, :length], attention_mask[:, :length], length
 
     def loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor):

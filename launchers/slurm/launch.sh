@@ -13,7 +13,7 @@
 #                   node itself, so every node gets its own)
 #   MAIN_ADDR       address of node 0                                  (default 127.0.0.1)
 #   MAIN_PORT       a free TCP port on node 0                          (default 29500)
-#   ACCELERATE_CONFIG  accelerate config     (default launchers/accelerate/multinode-zero3.yaml)
+#   ACCELERATE_CONFIG  accelerate config     (default launchers/accelerate/multinode-zero2.yaml)
 #   ACCELERATE      the accelerate executable                          (default: accelerate)
 #   EXTRA_LAUNCH_ARGS  more `accelerate launch` flags, e.g. "--deepspeed_config_file X.json"
 #   RDZV_TIMEOUT    seconds every node has to check in with node 0 (on MAIN_PORT + 1) before the
@@ -27,7 +27,7 @@ PROCS_PER_NODE=${PROCS_PER_NODE:-1}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MAIN_ADDR=${MAIN_ADDR:-127.0.0.1}
 MAIN_PORT=${MAIN_PORT:-29500}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero3.yaml}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launchers/accelerate/multinode-zero2.yaml}
 ACCELERATE=${ACCELERATE:-accelerate}
 MODULE=${MODULE:-cmaclip.train}
 RDZV_TIMEOUT=${RDZV_TIMEOUT:-300}
