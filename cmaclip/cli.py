@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "shards": ("cmaclip.data.shards", "turn a product catalogue (JSONL/CSV) into WebDataset shards"),
     "train": ("cmaclip.train", "train a model from a YAML config (also: accelerate launch -m cmaclip.train)"),
+    "pretrain": ("cmaclip.pretrain", "contrastive image-title pretraining of the CLIP backbone (exports a CLIP folder)"),
     "eval": ("cmaclip.evaluate", "evaluate a checkpoint on a split of a shards folder"),
     "predict": ("cmaclip.predict", "predict attributes for products in a JSONL/CSV file or a shards folder"),
     "calibrate": ("cmaclip.calibrate", "fit auto-fill thresholds at a target precision (calibration.json)"),

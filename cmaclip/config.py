@@ -1,4 +1,4 @@
-"""The typed run config: `model.*`, `data.*`, `optim.*`, `train.*`, `logging.*` and `output_dir`.
+"""The typed run config: `model.*`, `data.*`, `optim.*`, `train.*`, `logging.*`, `pretrain.*` and `output_dir`.
 
 A run is described by defaults <- a YAML recipe (configs/*.yaml) <- `key.sub=value` overrides from
 the command line. Every key is a dataclass field with a docstring (`cmaclip train --help` lists
@@ -21,7 +21,7 @@ import yaml
 
 from cmaclip.data.config import DataConfig
 from cmaclip.errors import CmaclipError
-from cmaclip.model.config import ModelConfig
+from cmaclip.model.config import ContrastiveConfig, ModelConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -187,6 +187,9 @@ class RunConfig:
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """TensorBoard, progress bar."""
+
+    pretrain: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    """The contrastive loss of `cmaclip pretrain` (unused by `cmaclip train`)."""
 
     output_dir: str = "runs/cmaclip"
     """Everything the run writes: tensorboard/, checkpoints/, model/. On several nodes it must be

@@ -8,6 +8,9 @@ CPU only, a few minutes on 2 cores.
     3. evaluate  the exported model on the validation split: the per-task table, and the accuracy
                  with the titles or the images removed -> demo-out/metrics.json
     4. explain   attention pictures (the paper's Figure 2) of a few products -> demo-out/explain/
+With --pretrain (or CMACLIP_DEMO_PRETRAIN=1), step 2 first pretrains the backbone contrastively on
+the image-title pairs (`-m cmaclip.pretrain --config configs/cpu-pretrain.yaml`, -> demo-out/pretrain,
+a few minutes more) and fine-tunes CMA-CLIP from it (`model.pretrained=demo-out/pretrain/model`).
 Then it says how to open TensorBoard and how to run the same on a GPU cluster.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 FASHION = REPO / "shards" / "fashion-products"
 LAUNCHER = REPO / "launchers" / "accelerate" / "cpu.yaml"
 CONFIG = "configs/cpu-demo.yaml"
+PRETRAIN_CONFIG = "configs/cpu-pretrain.yaml"
 # The attributes the tiny model learns: a category hierarchy, a colour, who and what it is for.
 TASKS = ["masterCategory", "subCategory", "baseColour", "gender", "usage"]
 TITLE_COLUMN = "productDisplayName"
@@ -52,12 +56,13 @@ def build_shards(out: Path) -> Path:
     return shards
 
 
-def train(shards: Path, run: Path, processes: int, overrides: list[str]) -> None:
+def train(shards: Path, run: Path, processes: int, overrides: list[str], module: str = "cmaclip.train",
+          config: str = CONFIG) -> None:
     if run.exists():
         print(f"removing the previous demo run {run}")
         shutil.rmtree(run)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCHER),
-               "--num_processes", str(processes), "-m", "cmaclip.train", "--config", CONFIG,
+               "--num_processes", str(processes), "-m", module, "--config", config,
                f"data.shards={shards}", f"output_dir={run}", *overrides]
     print("$ " + " ".join(["accelerate", "launch", *command[3:]]), flush=True)
     # One thread per process: the ranks share the cores (and torch would warn about it otherwise).
@@ -136,8 +141,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m cmaclip.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo-out", help="folder for everything the demo writes")
     parser.add_argument("--processes", type=int, default=2, help="training processes (CPU ranks)")
+    parser.add_argument("--pretrain", action="store_true",
+                        default=os.environ.get("CMACLIP_DEMO_PRETRAIN", "") not in ("", "0"),
+                        help="pretrain the backbone contrastively first, then fine-tune from it "
+                             "(also CMACLIP_DEMO_PRETRAIN=1; a few minutes more)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="passed on to training, e.g. train.max_steps=50 for a quicker look")
+                        help="passed on to training (and pretraining), e.g. train.max_steps=50 for a quicker look")
     return parser.parse_args(argv)
 
 
@@ -152,8 +161,16 @@ def main(argv=None) -> None:
     run = out / "run"
     heading(1, "shards from the embedded fashion sample")
     shards = build_shards(out)
-    heading(2, f"training the tiny CMA-CLIP from random init on {args.processes} CPU processes")
-    train(shards, run, args.processes, args.overrides)
+    overrides = list(args.overrides)
+    start = "random init"
+    if args.pretrain:
+        heading(2, f"contrastive image-title pretraining of the tiny CLIP backbone on {args.processes} CPU processes")
+        train(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
+              config=PRETRAIN_CONFIG)
+        overrides.insert(0, f"model.pretrained={out / 'pretrain' / 'model'}")
+        start = "the pretrained backbone"
+    heading(2, f"training the tiny CMA-CLIP from {start} on {args.processes} CPU processes")
+    train(shards, run, args.processes, overrides)
     heading(3, "evaluation on the validation split")
     evaluate(shards, run, out)
     heading(4, "attention pictures")

@@ -234,3 +234,16 @@ def die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() == 1:  # the launcher died before the request: nothing trained yet, just end
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of `tensor` from every rank, concatenated in rank order, with the gradient of the
+    result flowing back to each rank's own rows (summed over the ranks that used them): the
+    contrastive losses' global batch. One process: `tensor` itself. Works on gloo and NCCL."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as differentiable
+
+    with warnings.catch_warnings():  # deprecated for a private API that has no gloo backward yet
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(differentiable.all_gather(tensor), dim=0)

@@ -14,7 +14,9 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -85,6 +87,49 @@ def build_scheduler(optimizer, optim: OptimConfig, max_steps: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(group) for group in optimizer.param_groups])
 
 
+# ---- what the loop trains ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Objective:
+    """What the shared loop trains: `cmaclip train` (FINE_TUNE) and `cmaclip pretrain`
+    (cmaclip/pretrain.py) differ only in these. A model has `.backbone` (CLIPBackbone, for the
+    learning rates and DeepSpeed's bucket sizes), `.config.image_size` and `save_pretrained`."""
+
+    build_model: Callable  # (config: RunConfig, dataset: DatasetInfo) -> model
+    loss: Callable  # (model, batch) -> (loss, [per-rank scalars named by stat_names]), all 0-dim tensors
+    stat_names: Callable  # (model) -> names of the loss's extra scalars (train/<name> in TensorBoard)
+    evaluate: Callable  # (model, eval loader, accelerator) -> result with .summary(); every rank calls it
+    log_evaluation: Callable  # (writer or None, result, step)
+
+
+def _build_cmaclip(config: RunConfig, dataset):
+    from cmaclip.model import CMAClip
+
+    return CMAClip(config.model, dataset.tasks)
+
+
+def _supervised_loss(model, batch):
+    output = model(**model_inputs(batch, with_labels=True, with_host_facts=True))
+    return output.loss, list(output.task_losses.values())
+
+
+def _evaluate_cmaclip(model, loader, accelerator):
+    from cmaclip.evaluate import evaluate_model
+
+    return evaluate_model(model, loader, accelerator)
+
+
+def _log_cmaclip_evaluation(writer, result, step):
+    from cmaclip.evaluate import log_evaluation
+
+    log_evaluation(writer, result, step)
+
+
+FINE_TUNE = Objective(build_model=_build_cmaclip, loss=_supervised_loss,
+                      stat_names=lambda model: [f"loss_{task}" for task in model.task_names],
+                      evaluate=_evaluate_cmaclip, log_evaluation=_log_cmaclip_evaluation)
+
+
 # ---- one step ----------------------------------------------------------------------------------------
 
 def endless(loader):
@@ -96,14 +141,14 @@ def endless(loader):
 class StepStats:
     """Sums since the last log, per rank; `reduce` averages them over steps and ranks."""
 
-    def __init__(self, tasks: list[str]):
-        self.tasks = tasks
+    def __init__(self, names: list[str]):
+        self.names = names  # the per-step scalars besides the loss
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
         self.loss = 0.0
-        self.task_losses = [0.0] * len(self.tasks)
+        self.task_losses = [0.0] * len(self.names)
         self.data_wait = 0.0
         self.step_time = 0.0
         self.started = time.perf_counter()
@@ -121,12 +166,13 @@ class StepStats:
                              dtype=torch.float64, device=accelerator.device)
         total = accelerator.reduce(local, reduction="sum") / (self.steps * accelerator.num_processes)
         values = total.tolist()
-        k = len(self.tasks)
-        return {"loss": values[0], **{f"loss_{task}": values[1 + i] for i, task in enumerate(self.tasks)},
+        k = len(self.names)
+        return {"loss": values[0], **{name: values[1 + i] for i, name in enumerate(self.names)},
                 "data_wait_fraction": values[k + 1] / max(values[k + 2], 1e-12)}
 
 
-def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig, guard: NonFiniteGuard):
+def train_step(model, optimizer, scheduler, batches, accelerator, config: RunConfig, guard: NonFiniteGuard,
+               objective: Objective = FINE_TUNE):
     """One optimizer step over `grad_accum_steps` micro-batches (skipped by `guard` if non-finite).
     -> (mean loss, mean task losses, seconds waiting for data), all of this rank."""
     sums, data_wait = 0.0, 0.0  # sums: [loss, *task losses] in float64 on the device
@@ -140,11 +186,11 @@ def train_step(model, optimizer, scheduler, batches, accelerator, config: RunCon
             batch = next(batches)
         data_wait += time.perf_counter() - waited
         with accelerator.accumulate(model):
-            output = model(**model_inputs(batch, with_labels=True, with_host_facts=True))
+            loss, extras = objective.loss(model, batch)
             # DeepSpeed steps in here (clipping per gradient_clipping in the ds_config)
-            accelerator.backward(output.loss)
+            accelerator.backward(loss)
         # summed on the device and read once per step: one host sync, not one per task and micro-batch
-        sums = sums + torch.stack([output.loss.detach(), *output.task_losses.values()]).double()
+        sums = sums + torch.stack([loss.detach(), *extras]).double()
     applied, (loss, *task_losses) = guard.step(model, optimizer, accelerator, config.optim.grad_clip,
                                                sums / accumulation, deepspeed=uses_deepspeed(accelerator))
     if applied:
@@ -225,7 +271,7 @@ def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
     return train_loader, eval_loader
 
 
-def train(config: RunConfig) -> int:
+def train(config: RunConfig, objective: Objective = FINE_TUNE) -> int:
     """Run (or continue) the training `config` describes. Returns the step it stopped at."""
     quiet_libraries()
     die_with_launcher()
@@ -233,26 +279,24 @@ def train(config: RunConfig) -> int:
     finished = False
     try:
         with runlock.held(config.output_dir, accelerator.is_main_process):
-            step = run(config, accelerator)
+            step = run(config, accelerator, objective)
         finished = True
         return step
     finally:
         shutdown(accelerator, wait=finished)
 
 
-def run(config: RunConfig, accelerator) -> int:
+def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int:
     from accelerate.utils import set_seed
 
     from cmaclip.data.format import load_dataset_info
-    from cmaclip.evaluate import evaluate_model, log_evaluation
-    from cmaclip.model import CMAClip
 
     output_dir = Path(config.output_dir)
     resume_from = checkpoint.resolve_resume(config.train.resume, output_dir)
     set_seed(config.train.seed)  # the same initial weights on every rank
     dataset = load_dataset_info(config.data.shards)
     with accelerator.main_process_first():  # fills the hub cache once (model.pretrained), then the rest read it
-        model = CMAClip(config.model, dataset.tasks)
+        model = objective.build_model(config, dataset)
     train_loader, eval_loader = build_loaders(config, accelerator, dataset, model.config.image_size)
     telemetry = Telemetry(model, config, accelerator)  # counts on the plain model: before prepare
     optimizer = build_optimizer(model, config.optim, **adamw_implementation(accelerator))
@@ -284,8 +328,8 @@ def run(config: RunConfig, accelerator) -> int:
         # evaluation never shifts the training's random stream: a run with and without periodic
         # evaluation trains identically
         with torch.random.fork_rng(devices=[]):
-            result = evaluate_model(model, eval_loader, accelerator)
-        log_evaluation(monitor.writer, result, step)
+            result = objective.evaluate(model, eval_loader, accelerator)
+        objective.log_evaluation(monitor.writer, result, step)
         monitor.line(f"step {step}: {result.summary()}")
 
     def save(at_step: int) -> Path:
@@ -295,14 +339,15 @@ def run(config: RunConfig, accelerator) -> int:
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()
     guard = NonFiniteGuard(config.train.max_nonfinite_steps)
-    stats = StepStats(list(dataset.tasks))
+    stats = StepStats(objective.stat_names(accelerator.unwrap_model(model)))
     batches = endless(train_loader)
     saved_step, saved = (step, resume_from) if resume_from is not None else (None, None)
     samples_per_second = None
     model.train()
     while step < config.train.max_steps:
         started = time.perf_counter()
-        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config, guard)
+        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config, guard,
+                                                  objective)
         step += 1
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
@@ -349,11 +394,14 @@ def run(config: RunConfig, accelerator) -> int:
 
 # ---- command line --------------------------------------------------------------------------------------
 
-def parse_args(argv):
+DESCRIPTION = ("Train CMA-CLIP from a YAML recipe; the same command runs under `accelerate launch "
+               "-m cmaclip.train` on any number of processes and nodes.")
+
+
+def parse_args(argv, prog: str = "cmaclip train", description: str = DESCRIPTION):
     parser = argparse.ArgumentParser(
-        prog="cmaclip train",
-        description="Train CMA-CLIP from a YAML recipe; the same command runs under `accelerate launch "
-                    "-m cmaclip.train` on any number of processes and nodes.",
+        prog=prog,
+        description=description,
         epilog="overrides: key.sub=value pairs after the options, typed by the config field. "
                "`--keys` lists every key with its default and meaning.",
     )
@@ -366,7 +414,12 @@ def parse_args(argv):
 
 @command("cmaclip train")
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    command_line(sys.argv[1:] if argv is None else argv, "cmaclip train", DESCRIPTION, FINE_TUNE)
+
+
+def command_line(argv, prog: str, description: str, objective: Objective) -> None:
+    """The shared command line of `cmaclip train` and `cmaclip pretrain`."""
+    args = parse_args(argv, prog, description)
     if args.keys:
         print(describe())
         return
@@ -375,12 +428,12 @@ def main(argv=None) -> None:
         if not args.print_config:
             checkpoint.resolve_resume(config.train.resume, config.output_dir)
     except ConfigError as error:
-        print(f"cmaclip train: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         sys.exit(2)
     if args.print_config:
         print(to_yaml(config), end="")
         return
-    train(config)
+    train(config, objective)
 
 
 if __name__ == "__main__":

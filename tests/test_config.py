@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cmaclip.config import (ConfigError, RunConfig, describe, field_docs, load_config, resolve_config_path,
                             to_yaml)
@@ -20,6 +21,8 @@ def test_the_recipes_exist_and_load():
     for path in RECIPES:
         config = load_config(path)
         assert isinstance(config, RunConfig)
+        if "pretrain" in yaml.safe_load(path.read_text()):
+            continue  # a contrastive pretraining recipe (cmaclip pretrain) trains on pairs: both modalities
         # a product without a title or a photo must be a case every recipe trains on
         assert config.model.modality_dropout > 0, f"{path.name}: model.modality_dropout is off"
     demo = load_config(REPO / "configs" / "cpu-demo.yaml")

@@ -52,14 +52,16 @@ def overrides(shards: Path, *extra: str) -> list[str]:
             "data.workers=1", "data.eval_split=none", "optim.warmup_steps=2", *extra]
 
 
-def launch(accelerate_config: str | None, shards: Path, output_dir: Path, *extra: str, launch_flags=()) -> str:
+def launch(accelerate_config: str | None, shards: Path, output_dir: Path, *extra: str, launch_flags=(),
+           module: str = "cmaclip.train", recipe: str = RECIPE) -> str:
     """One training run through a user's command line: `accelerate launch --config_file
     launchers/accelerate/<accelerate_config> ... -m cmaclip.train`, or with accelerate_config None
-    a single process, `python -m cmaclip.train`. -> its stdout."""
+    a single process, `python -m cmaclip.train`; `module` and `recipe` pick another command of the
+    same loop (cmaclip.pretrain). -> its stdout."""
     launcher = [] if accelerate_config is None else [
         "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_DIR / accelerate_config),
         "--main_process_port", str(free_port()), *launch_flags]
-    command = [sys.executable, *launcher, "-m", "cmaclip.train", "--config", RECIPE, *overrides(shards, *extra),
+    command = [sys.executable, *launcher, "-m", module, "--config", recipe, *overrides(shards, *extra),
                f"output_dir={output_dir}"]
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

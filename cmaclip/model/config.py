@@ -145,3 +145,28 @@ def preset_clip_config(config: ModelConfig) -> CLIPConfig:
                              f"{config.preset!r}'s patch size {vision['patch_size']}")
         vision["image_size"] = config.image_size
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=preset["projection_dim"])
+
+
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class ContrastiveConfig:
+    """The `pretrain.*` keys: the contrastive objective of `cmaclip pretrain`."""
+
+    loss: str = "clip"
+    """clip (symmetric InfoNCE over the global batch, softmax over all titles / images) | siglip
+    (pairwise sigmoid, no softmax: scales better to large batches)."""
+
+    init_temperature: float = 0.07
+    """Initial temperature (CLIP: 0.07, i.e. logit scale 1/0.07); it is learned, and clamped at
+    0.01 (logit scale 100) as in CLIP."""
+
+    init_bias: float = -10.0
+    """SigLIP only: initial logit bias (SigLIP's -10: most pairs are negatives)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"pretrain.loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if not 0.01 <= self.init_temperature <= 1.0:
+            raise ValueError(f"pretrain.init_temperature: must be in [0.01, 1], got {self.init_temperature}")

@@ -19,7 +19,7 @@
 #   RDZV_TIMEOUT    seconds every node has to check in with node 0 (on MAIN_PORT + 1) before the
 #                   launch; a node missing then stops it with one line naming it  (default 300)
 #   MODULE          the Python module every process runs   (default cmaclip.train; cmaclip.predict,
-#                   cmaclip.calibrate and cmaclip.evaluate run the same way)
+#                   cmaclip.calibrate, cmaclip.evaluate and cmaclip.pretrain run the same way)
 set -euo pipefail
 
 NUM_NODES=${NUM_NODES:-1}
