@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -23,13 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cmaclip.distributed import free_port
+
 SOT, EOT = 49406, 49407
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pairs(batch: int, image_size: int, generator: torch.Generator) -> dict:

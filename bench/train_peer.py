@@ -21,13 +21,14 @@ import argparse
 import csv
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cmaclip.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION = REPO / "shards" / "fashion-products"
@@ -36,12 +37,6 @@ TITLE = "productDisplayName"
 PRESET = "tiny"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment() -> dict:

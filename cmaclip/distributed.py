@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import warnings
 
@@ -28,6 +29,13 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag
 
 from cmaclip import errors
 from cmaclip.config import ConfigError, RunConfig
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a launch on one machine (tests, benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:

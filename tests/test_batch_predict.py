@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -21,7 +20,9 @@ import pytest
 from cmaclip import batch_predict, predict
 from cmaclip.calibration import Calibration, TaskCalibration
 from cmaclip.data.format import load_dataset_info
+from cmaclip.distributed import free_port
 from cmaclip.errors import EXIT_ERROR
+from test_train_distributed import environment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -241,16 +242,6 @@ def test_bad_arguments_are_one_line_errors(case, message, model_dir, fashion_sha
 
 
 # ---- several processes ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
 
 def predict_command(model_dir: Path, shards: Path, out: Path, *extra) -> list[str]:
     return ["--checkpoint", str(model_dir), "--shards", str(shards), "--split", "train", "--out", str(out),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from cmaclip.data.format import load_dataset_info
+from cmaclip.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_DIR = REPO / "launchers" / "accelerate"
@@ -31,12 +31,6 @@ RECIPE = "configs/cpu-demo.yaml"
 STEPS = 8
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment() -> dict:
