@@ -175,7 +175,7 @@ def model_outputs(model, loader, autocast=contextlib.nullcontext):
 
     for batch in loader:
         with autocast():
-            output = model(**model_inputs(batch))
+            output = model(**model_inputs(batch, with_host_facts=True))
         yield batch, output
 
 

@@ -223,11 +223,7 @@ class StopRequest:
         errors.received_signal = signal.Signals(signum).name
 
     def agreed(self, accelerator: Accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return not all_ranks_ok(accelerator, not self.requested)  # requested on any rank
 
 
 def die_with_launcher() -> None:

@@ -35,13 +35,13 @@ class NonFiniteGuard:
         """Apply the optimizer step unless the step is non-finite on any rank; zero the gradients.
         losses: this rank's [loss, *task losses] on the device. -> (applied, losses as floats)."""
         if deepspeed:  # the step already happened (or was discarded) in accelerator.backward
-            bad = torch.tensor(bool(optimizer.step_was_skipped), device=losses.device)
+            bad = bool(optimizer.step_was_skipped)
         elif grad_clip > 0:
             bad = ~torch.isfinite(accelerator.clip_grad_norm_(model.parameters(), grad_clip))
         else:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        flag = (bad.to(losses.device) | ~torch.isfinite(losses).all()).double().reshape(1)
+        flag = (~torch.isfinite(losses).all() | bad).double().reshape(1)
         if accelerator.num_processes > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         skip, *values = torch.cat([flag, losses.double()]).tolist()

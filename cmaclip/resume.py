@@ -60,7 +60,7 @@ def first_line(error: BaseException) -> str:
 def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[Path, int]:
     """Load `requested`, or (train.resume=auto) the newest checkpoint that loads. -> (path, step)."""
     if config.train.resume == "auto":
-        candidates = [path for path in reversed(checkpoint.list_checkpoints(config.output_dir))]
+        candidates = checkpoint.list_checkpoints(config.output_dir)[::-1]
     else:
         candidates = [requested]
     skipped = []

@@ -111,12 +111,12 @@ class SequenceAttention(nn.Module):
         return_attentions runs the reference attention (same result, slower, weights kept).
         nothing_masked: whether key_mask is all True, if the caller knows (None: read it from the
         device, a sync)."""
+        if nothing_masked:
+            key_mask = None  # lets CUDA use Flash
         if key_mask is not None:
             key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)  # no sample without keys
-            if nothing_masked is None:
-                nothing_masked = bool(key_mask.all())
-            if nothing_masked:
-                key_mask = None  # lets CUDA use Flash
+            if nothing_masked is None and bool(key_mask.all()):
+                key_mask = None
         attentions = [] if return_attentions else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and not return_attentions:

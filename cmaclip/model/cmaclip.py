@@ -147,8 +147,7 @@ class CMAClip(nn.Module):
                    else modality_mask.to(device=device, dtype=torch.bool))
         if self.training and self.config.modality_dropout > 0 and self.uses_text and self.uses_image:
             present = drop_one_modality(present, self.config.modality_dropout)
-            if nothing_masked:
-                nothing_masked = False  # the dropout may have masked a modality: keep the mask
+            nothing_masked = False  # the dropout may have masked a modality: keep the mask (no device read)
 
         text_length = text_length if self.uses_text else 0
         text_states = image_states = None
