@@ -7,7 +7,7 @@ number of ranks and nodes, with the auto-fill decision of `cmaclip calibrate`.
     sbatch --nodes 4 launchers/slurm/predict.sbatch --checkpoint runs/x --shards DIR --out preds/
 
 Every rank reads its share of the split with the training loader (DALI with nvJPEG on a GPU, or
-the PIL fallback; the eval transform). loader.py's rule cuts the split into world_size contiguous
+the PIL fallback; the eval transform). data/batch.py's rule cuts the split into world_size contiguous
 parts and marks padding rows with index -1, which are dropped here, so every sample is predicted
 exactly once across ranks. No gradients; bf16 autocast on a GPU that has it. A product's id is
 its sample's `id` component, found from the batch's `index` through the shards' .idx files (the
@@ -171,7 +171,7 @@ def check_existing_parts(out: Path, run: dict) -> None:
 @torch.no_grad()
 def model_outputs(model, loader, autocast=contextlib.nullcontext):
     """(batch, output) for each batch of the loader's current epoch, no gradients."""
-    from cmaclip.data.loader import model_inputs
+    from cmaclip.data.batch import model_inputs
 
     for batch in loader:
         with autocast():
@@ -183,7 +183,7 @@ def predict_share(model, loader, ids, part: PartWriter, *, calibration: Calibrat
                   autocast=contextlib.nullcontext) -> tuple[int, list[str]]:
     """Write this rank's share of the loader's split into `part` -> (products written, ids of the
     samples of the share the loader could not read). ids: sample index -> product id."""
-    from cmaclip.data.loader import rank_share
+    from cmaclip.data.batch import rank_share
 
     share = rank_share(loader.num_samples, loader.rank, loader.world_size, loader.epoch)
     seen = np.zeros(len(share), bool)

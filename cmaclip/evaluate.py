@@ -30,9 +30,11 @@ import torch.distributed as dist
 from cmaclip import metrics as M
 from cmaclip.calibration import Calibration, auto_fill_report, format_report
 from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
-from cmaclip.data.loader import build_loader, model_inputs
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.loader import build_loader
 from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
+from cmaclip.pictures import confusion_image, draw_explanation, piece_at, relevant_tokens, title_pieces, unnormalize
 
 PERTURBATIONS = ("none", "no-text", "no-image", "drop-words")
 DROP_WORDS_FRACTION = 0.3
@@ -221,7 +223,7 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
                    precisions=M.DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
                    calibration=None) -> EvalResult:
     """Evaluate on the loader's split. Call it on EVERY rank (collectives inside); the result is the
-    same everywhere. `pictures` > 0 adds that many attention pictures (explain.py) of products from
+    same everywhere. `pictures` > 0 adds that many attention pictures (pictures.py) of products from
     the first batches (one extra forward per rank, as ZeRO-3 needs). A `calibration`
     (calibration.Calibration) adds `auto_fill`: the accepted predictions' precision and coverage."""
     tasks = loader.dataset.task_names
@@ -285,7 +287,6 @@ def attention_pictures(model, batch: dict, context_length: int, count: int,
     at every evaluation (an eval loader reads in a fixed order), so TensorBoard shows their
     attention evolving. Every rank runs one forward (ZeRO-3) and draws its candidates; all get the
     chosen pictures."""
-    from cmaclip import explain
     from cmaclip.data.tokenizer import load_tokenizer
 
     usable = batch["modality_mask"].all(dim=1) & (batch["index"] >= 0)
@@ -297,56 +298,19 @@ def attention_pictures(model, batch: dict, context_length: int, count: int,
         output = model(**inputs, return_attentions=True)
     drawn = []
     if output.attentions is not None and len(rows):  # concat, image, text: no sequence attention to draw
-        best, mass, maps = explain.relevant_tokens(output.attentions[-1],
-                                                   inputs["attention_mask"][:, :output.text_length])
+        best, mass, maps = relevant_tokens(output.attentions[-1], inputs["attention_mask"][:, :output.text_length])
         tokenizer = load_tokenizer(context_length)
-        images = explain.unnormalize(inputs["pixel_values"])
+        images = unnormalize(inputs["pixel_values"])
         for row, sample in enumerate(batch["index"][rows].tolist()):
-            pieces = explain.title_pieces(tokenizer, inputs["input_ids"][row].cpu().numpy())
-            marked = int(best[row]) - 1 if best[row] >= 0 else -1  # sequence position 1 = piece 0
-            picture = explain.draw_explanation(images[row], pieces, marked, maps[row].cpu().numpy(), float(mass[row]))
+            pieces = title_pieces(tokenizer, inputs["input_ids"][row].cpu().numpy())
+            picture = draw_explanation(images[row], pieces, piece_at(int(best[row])), maps[row].cpu().numpy(),
+                                       float(mass[row]))
             drawn.append((sample, np.asarray(picture)))
     chosen = sorted((item for part in all_gather(drawn) for item in part), key=lambda item: item[0])[:count]
     return [(f"sample_{sample}", picture) for sample, picture in chosen]
 
 
 # ---- reporting -------------------------------------------------------------------------------------
-
-def confusion_image(confusion: np.ndarray, class_names: list[str], cell: int = 14) -> np.ndarray:
-    """uint8 HWC picture of the row-normalized confusion matrix (rows: true, columns: predicted),
-    limited to the classes that occur, names on the left and on top."""
-    from PIL import Image, ImageDraw
-
-    from cmaclip.explain import load_font
-
-    seen = np.flatnonzero((confusion.sum(axis=1) > 0) | (confusion.sum(axis=0) > 0))
-    if len(seen) == 0:
-        seen = np.arange(min(1, len(class_names)))
-    matrix = confusion[np.ix_(seen, seen)].astype(np.float64)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    names = [class_names[c][:24] for c in seen]
-    font = load_font(11)
-    label_width = max(int(max(font.getlength(name) for name in names)) + 6, 110)  # room for the legend
-    size = len(seen) * cell
-    canvas = Image.new("RGB", (label_width + size + 2, label_width + size + 2), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(names):
-        draw.text((2, label_width + i * cell), name, fill="black", font=font)
-        for j in range(len(seen)):
-            rate = rates[i, j]  # white (0) to dark blue (1)
-            colour = (int(255 * (1 - rate)), int(255 * (1 - 0.75 * rate)), int(255 * (1 - 0.3 * rate)))
-            box = (label_width + j * cell, label_width + i * cell, label_width + (j + 1) * cell - 1,
-                   label_width + (i + 1) * cell - 1)
-            draw.rectangle(box, fill=colour, outline=(220, 220, 220))
-    top = Image.new("RGB", (label_width, size), "white")
-    top_draw = ImageDraw.Draw(top)
-    for j, name in enumerate(names):
-        top_draw.text((2, j * cell), name, fill="black", font=font)
-    canvas.paste(top.rotate(90, expand=True), (label_width, 0))
-    draw.text((2, 2), "rows: true class", fill="gray", font=font)
-    draw.text((2, 16), "columns: predicted", fill="gray", font=font)
-    return np.asarray(canvas)
-
 
 def log_evaluation(writer, result: EvalResult, step: int) -> None:
     """TensorBoard: eval/<task>/{accuracy,macro_f1,recall_at_pNN}, eval/mean/..., confusion matrices

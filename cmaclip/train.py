@@ -23,7 +23,8 @@ from torch import nn
 
 from cmaclip import checkpoint, resume, runlock
 from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
-from cmaclip.data.loader import backend_reason, build_loader, model_inputs
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.loader import backend_reason, build_loader
 from cmaclip.distributed import (StopRequest, adamw_implementation, die_with_launcher, fill_deepspeed_config,
                                  make_accelerator, quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
