@@ -240,8 +240,8 @@ def resolve_device(name: str) -> torch.device:
 def run_with_model(command: str, args, work):
     """predict's and explain's frame: load the checkpoint on the chosen device, return
     work(model, device); a bad input file, checkpoint or request is one line on stderr, exit 2."""
+    from cmaclip.checkpoint import load_model
     from cmaclip.data.catalog import CatalogError
-    from cmaclip.evaluate import load_model
 
     from cmaclip.distributed import resolve_mixed_precision
 
