@@ -55,12 +55,12 @@ def bench_model(folder: Path, tasks: dict) -> Path:
 def measure(loader_name: str, shards: str, model_dir: str, batch_size: int, workers: int) -> None:
     """One rank of a run: print {"rank", "images", "wall", "cpu"} as JSON."""
     from cmaclip.batch_predict import PartWriter, predict_share, product_ids
+    from cmaclip.checkpoint import load_model
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import load_model
 
     quiet_libraries()
     accelerator = make_accelerator(RunConfig())

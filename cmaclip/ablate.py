@@ -218,9 +218,10 @@ def train_command(launcher: list[str], config: str, overrides: list[str]) -> lis
 
 def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_size: int, loader: str) -> dict:
     """Clean and perturbed metrics of one trained variant, in this process (one model load)."""
+    from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import check_tasks, evaluate_model, load_model
+    from cmaclip.evaluate import check_tasks, evaluate_model
 
     model = load_model(run_dir)
     eval_loader = build_loader(shards, split, config=DataConfig(loader=loader), batch_size=batch_size,

@@ -267,12 +267,12 @@ def calibration_digest(model_dir: Path) -> str | None:
 
 
 def run(args) -> None:
+    from cmaclip.checkpoint import load_model, resolve_model_dir
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import load_model, resolve_model_dir
     from cmaclip.files import write_json_atomic
 
     # the arguments are checked before any process group exists: every rank stops with one line

@@ -55,12 +55,13 @@ def parse_args(argv):
 
 
 def run(args) -> None:
+    from cmaclip.checkpoint import load_model, resolve_model_dir
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import check_tasks, load_model, resolve_model_dir
+    from cmaclip.evaluate import check_tasks
 
     model_dir = resolve_model_dir(args.checkpoint)  # checked before any process group exists
     info = load_dataset_info(args.shards)

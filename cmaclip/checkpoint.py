@@ -1,4 +1,6 @@
-"""Checkpoints: atomic save, keep-last-K, `train.resume=auto|PATH|''`, export of the final model.
+"""The layout of output_dir and everything that reads or writes it: checkpoints (atomic save,
+keep-last-K, `train.resume=auto|PATH|''`), the export of the final model, finding and loading an
+exported model. Other modules take these names from here.
 
 Layout under output_dir:
 
@@ -7,7 +9,14 @@ Layout under output_dir:
         loader-rank00000.pt         + each rank's loader position, + trainer_state.json (written
         ...                         last: step, world size; another world size resumes elastically)
     checkpoints/.tmp-step-.../      a save in progress (or one that crashed): never read
-    model/                          the exported model (CMAClip.from_pretrained)
+    model/                          the exported model (CMAClip.from_pretrained):
+        config.json                     model config + tasks + CLIP config
+        model.safetensors               fp32 weights
+        calibration.json                `cmaclip calibrate`'s thresholds, if fitted (calibration.py)
+    tensorboard/                    event files (train; eval-<split>/ from `cmaclip eval`)
+    config.yaml, config-2.yaml ...  the config of each start that changed it (resume.py)
+    LOCK                            held by the running training (runlock.py)
+    PREEMPTED                       the step a signalled run stopped at (Slurm requeues on it)
 
 A save writes into a temporary folder and renames it into place only after every rank has
 finished, so a crash during a save leaves the previous checkpoint as the newest complete one.
@@ -26,10 +35,17 @@ import torch
 
 from cmaclip import elastic
 from cmaclip.config import ConfigError
-from cmaclip.errors import CmaclipError, disk_error
+from cmaclip.errors import CmaclipError, DataError, disk_error
+# the model library writes these two (it never imports the trainer); every other reader takes them from here
+from cmaclip.model.cmaclip import CONFIG_FILE as MODEL_CONFIG_FILE
+from cmaclip.model.cmaclip import WEIGHTS_FILE as MODEL_WEIGHTS_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
+TENSORBOARD_DIR = "tensorboard"
+RUN_CONFIG_FILE = "config.yaml"
+LOCK_FILE = "LOCK"
+PREEMPTED_MARKER = "PREEMPTED"
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
 # accelerator.save_state names the first (only) DeepSpeed model's checkpoint tag like this.
@@ -186,3 +202,29 @@ def export_model(accelerator, model, checkpoint: Path, output_dir: str | Path) -
         staging.rename(target)
     accelerator.wait_for_everyone()
     return target
+
+
+# ---- an exported model -----------------------------------------------------------------------------
+
+def resolve_model_dir(checkpoint: str | Path) -> Path:
+    """An exported model folder (config.json + model.safetensors), given it or its output_dir."""
+    path = Path(checkpoint)
+    for candidate in (path, path / MODEL_DIR):
+        if (candidate / MODEL_CONFIG_FILE).is_file() and (candidate / MODEL_WEIGHTS_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no exported model ({MODEL_CONFIG_FILE} + {MODEL_WEIGHTS_FILE}) here or in "
+                            f"{path / MODEL_DIR}; pass a training output_dir or its {MODEL_DIR}/ folder")
+
+
+def load_model(checkpoint: str | Path, device="cpu"):
+    """The exported CMAClip of an output_dir or a model folder, in eval mode on `device`."""
+    from cmaclip.model import CMAClip
+
+    model_dir = resolve_model_dir(checkpoint)
+    model = CMAClip.from_pretrained(model_dir)
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # its predictions would be NaN, which is not even valid JSON
+        raise DataError(f"{model_dir}: {len(broken)} weight tensors hold NaN/inf (first: {broken[0]}): "
+                        "the run that wrote it diverged; export an earlier checkpoint")
+    return model.to(device).eval()

@@ -77,9 +77,10 @@ def train(shards: Path, run: Path, processes: int, overrides: list[str], module:
 
 
 def evaluate(shards: Path, run: Path, out: Path) -> None:
+    from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import evaluate_model, format_table, load_model
+    from cmaclip.evaluate import evaluate_model, format_table
     from cmaclip.files import write_json_atomic
 
     model = load_model(run)
@@ -100,7 +101,7 @@ def evaluate(shards: Path, run: Path, out: Path) -> None:
 
 
 def explain(run: Path, out: Path) -> None:
-    from cmaclip.evaluate import load_model
+    from cmaclip.checkpoint import load_model
     from cmaclip.explain import explain_file
 
     model = load_model(run)
@@ -152,6 +153,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from cmaclip.checkpoint import MODEL_DIR
     from cmaclip.distributed import quiet_libraries
 
     quiet_libraries()
@@ -167,7 +169,7 @@ def main(argv=None) -> None:
         heading(2, f"contrastive image-title pretraining of the tiny CLIP backbone on {args.processes} CPU processes")
         train(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
               config=PRETRAIN_CONFIG)
-        overrides.insert(0, f"model.pretrained={out / 'pretrain' / 'model'}")
+        overrides.insert(0, f"model.pretrained={out / 'pretrain' / MODEL_DIR}")
         start = "the pretrained backbone"
     heading(2, f"training the tiny CMA-CLIP from {start} on {args.processes} CPU processes")
     train(shards, run, args.processes, overrides)

@@ -356,30 +356,7 @@ def format_table(metrics: dict, modality_weights: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-# ---- loading a checkpoint --------------------------------------------------------------------------
-
-def resolve_model_dir(checkpoint: str | Path) -> Path:
-    """An exported model folder (config.json + model.safetensors), given it or its output_dir."""
-    path = Path(checkpoint)
-    for candidate in (path, path / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no exported model (config.json + model.safetensors) here or in "
-                            f"{path / 'model'}; pass a training output_dir or its model/ folder")
-
-
-def load_model(checkpoint: str | Path, device="cpu"):
-    from cmaclip.model import CMAClip
-
-    model_dir = resolve_model_dir(checkpoint)
-    model = CMAClip.from_pretrained(model_dir)
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if broken:  # its predictions would be NaN, which is not even valid JSON
-        raise DataError(f"{model_dir}: {len(broken)} weight tensors hold NaN/inf (first: {broken[0]}): "
-                        "the run that wrote it diverged; export an earlier checkpoint")
-    return model.to(device).eval()
-
+# ---- checks ----------------------------------------------------------------------------------------
 
 def check_tasks(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint, shards) -> None:
     if dict(model_tasks) != dict(data_tasks):
@@ -417,6 +394,7 @@ def parse_args(argv):
 @command("cmaclip eval")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from cmaclip.checkpoint import TENSORBOARD_DIR, load_model, resolve_model_dir
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
@@ -426,11 +404,12 @@ def main(argv=None) -> None:
     # the run defaults: gloo without CUDA, bf16 autocast on a GPU that has it, the world-size check
     accelerator = make_accelerator(RunConfig())
     info = load_dataset_info(args.shards)
-    model = load_model(args.checkpoint, accelerator.device)
+    model_dir = resolve_model_dir(args.checkpoint)
+    model = load_model(model_dir, accelerator.device)
     check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
-    calibration = Calibration.load(resolve_model_dir(args.checkpoint))  # calibration.json, if fitted
+    calibration = Calibration.load(model_dir)  # calibration.json, if fitted
     if calibration is not None:
-        calibration.check_tasks(model.tasks, resolve_model_dir(args.checkpoint))
+        calibration.check_tasks(model.tasks, model_dir)
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, seed=args.seed, device=accelerator.device)
@@ -438,12 +417,12 @@ def main(argv=None) -> None:
                             precisions=tuple(args.precision), pictures=4,
                             progress=accelerator.is_main_process, calibration=calibration)
     if accelerator.is_main_process:
-        content = {**result.to_json(), "checkpoint": str(resolve_model_dir(args.checkpoint)),
+        content = {**result.to_json(), "checkpoint": str(model_dir),
                    "shards": str(args.shards), "split": args.split}
         write_json_atomic(Path(args.out), content)
         tensorboard_dir = args.tensorboard
-        if tensorboard_dir is None and resolve_model_dir(args.checkpoint) != Path(args.checkpoint):
-            tensorboard_dir = Path(args.checkpoint) / "tensorboard" / f"eval-{args.split}"
+        if tensorboard_dir is None and model_dir != Path(args.checkpoint):
+            tensorboard_dir = Path(args.checkpoint) / TENSORBOARD_DIR / f"eval-{args.split}"
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -157,8 +157,8 @@ def resolve_device(name: str) -> torch.device:
 def run_with_model(command: str, args, work):
     """predict's and explain's frame: load the checkpoint on the chosen device, return
     work(model, device); a bad input file, checkpoint or request is one line on stderr, exit 2."""
+    from cmaclip.checkpoint import load_model
     from cmaclip.distributed import resolve_mixed_precision
-    from cmaclip.evaluate import load_model
 
     device = resolve_device(args.device)
     bf16 = resolve_mixed_precision(args.mixed_precision, device.type) == "bf16"

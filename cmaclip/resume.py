@@ -26,7 +26,6 @@ MUST_MATCH = (
     "model.head_hidden", "model.image_size", "model.context_length",
     "train.batch_size", "train.grad_accum_steps", "train.seed", "data.train_split",
 )
-CONFIG_FILE = "config.yaml"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -93,7 +92,7 @@ def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[
 def record_config(output_dir: Path, config: RunConfig) -> Path | None:
     """Keep this start's config (see the module docstring). -> the file written, or None."""
     text = to_yaml(config)
-    first = output_dir / CONFIG_FILE
+    first = output_dir / checkpoint.RUN_CONFIG_FILE
     numbered = sorted(output_dir.glob("config-*.yaml"), key=lambda p: int(p.stem.split("-")[1])
                       if p.stem.split("-")[1].isdigit() else 0)
     newest = numbered[-1] if numbered else first

@@ -31,8 +31,6 @@ from cmaclip.errors import command
 from cmaclip.guard import NonFiniteGuard
 from cmaclip.telemetry import Telemetry
 
-# Written into output_dir by a run that stopped on SIGUSR1/SIGTERM before max_steps (Slurm requeues on it).
-PREEMPTED_MARKER = "PREEMPTED"
 # Parameters of these modules never get weight decay (nor do biases, other 1-d parameters, and
 # learned vectors named *embedding: position, class and modality embeddings).
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
@@ -215,7 +213,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides what a preempted run logged after its last checkpoint
-            self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
+            self.writer = SummaryWriter(str(Path(config.output_dir) / checkpoint.TENSORBOARD_DIR),
                                         purge_step=start_step + 1 if start_step else None)
         if show_progress and not self.step_lines:
             from tqdm import tqdm
@@ -313,7 +311,7 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
         resume_from, step = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
     if accelerator.is_main_process:
         resume.record_config(output_dir, config)
-        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (output_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
     monitor = Monitor(config, accelerator, step)
     for note in notes:
         monitor.line(note)
@@ -375,7 +373,7 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
             if saved_step != step:
                 save(step)
             if accelerator.is_main_process:
-                (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+                (output_dir / checkpoint.PREEMPTED_MARKER).write_text(f"{step}\n")
             monitor.line(f"stopped on SIGUSR1/SIGTERM at step {step}; checkpoint saved, resume with train.resume=auto")
             monitor.close()
             return step
