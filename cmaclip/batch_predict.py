@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from cmaclip.calibration import CALIBRATION_FILE, Calibration, probabilities
-from cmaclip.data.format import IMAGE, TEXT
+from cmaclip.data.config import LOADERS
+from cmaclip.data.format import IMAGE, SPLITS, TEXT
 from cmaclip.errors import CmaclipError, DataError
 
 PART_FORMAT = "part-{rank:05d}-of-{world_size:05d}.parquet"
@@ -248,12 +249,12 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder "
                                                             f"(its {CALIBRATION_FILE}, if any, gives the decisions)")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
-    parser.add_argument("--split", default="train", choices=("train", "val", "test"),
+    parser.add_argument("--split", default="train", choices=SPLITS,
                         help="the split to predict (a catalogue written with --val-fraction 0 is all train)")
     parser.add_argument("--out", required=True, help="output folder: one Parquet part per rank + summary.json")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per task")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"), help="input pipeline")
+    parser.add_argument("--loader", default="auto", choices=LOADERS, help="input pipeline")
     parser.add_argument("--workers", type=int, default=2, help="DALI threads / PIL DataLoader workers per process")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:

@@ -27,13 +27,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cmaclip import metrics as M
 from cmaclip.calibration import Calibration, auto_fill_report, format_report
-from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
+from cmaclip.data.config import LOADERS
+from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, SPLITS, TEXT
 from cmaclip.data.batch import model_inputs
 from cmaclip.data.loader import build_loader
 from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
+from cmaclip.metrics import (DEFAULT_PRECISIONS, accuracy, class_table, confusion_matrix, mean_over_tasks,
+                             task_metrics)
 from cmaclip.pictures import confusion_image, draw_explanation, piece_at, relevant_tokens, title_pieces, unnormalize
 
 PERTURBATIONS = ("none", "no-text", "no-image", "drop-words")
@@ -57,7 +59,7 @@ class EvalResult:
     auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
     def class_tables(self) -> dict[str, list[dict]]:
-        return {task: M.class_table(self.confusion[task], self.class_names[task]) for task in self.confusion}
+        return {task: class_table(self.confusion[task], self.class_names[task]) for task in self.confusion}
 
     def to_json(self) -> dict:
         """metrics.json: the INTERFACE.md keys plus the modality weights and per-class tables."""
@@ -220,7 +222,7 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
 
 
 def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", seed: int = 0,
-                   precisions=M.DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
+                   precisions=DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
                    calibration=None) -> EvalResult:
     """Evaluate on the loader's split. Call it on EVERY rank (collectives inside); the result is the
     same everywhere. `pictures` > 0 adds that many attention pictures (pictures.py) of products from
@@ -242,14 +244,14 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
     for k, task in enumerate(tasks):
         classes = loader.dataset.tasks[task]
         labels, predicted = samples["labels"][:, k], samples["predicted"][:, k]
-        per_task[task] = M.task_metrics(labels, predicted, samples["confidence"][:, k], len(classes), precisions)
+        per_task[task] = task_metrics(labels, predicted, samples["confidence"][:, k], len(classes), precisions)
         labelled = labels >= 0
-        confusion[task] = M.confusion_matrix(labels[labelled], predicted[labelled], len(classes))
+        confusion[task] = confusion_matrix(labels[labelled], predicted[labelled], len(classes))
         mean_weights = samples["modality_weights"][:, k].mean(axis=0) if len(labels) else np.zeros(2)
         weights[task] = {name: float(mean_weights[m]) for m, name in enumerate(MODALITIES)}
     return EvalResult(
         unimodal=unimodal_accuracy(samples, tasks),
-        metrics={"tasks": per_task, "mean": M.mean_over_tasks(per_task)},
+        metrics={"tasks": per_task, "mean": mean_over_tasks(per_task)},
         confusion=confusion,
         class_names={task: list(loader.dataset.tasks[task]) for task in tasks},
         modality_weights=weights,
@@ -272,7 +274,7 @@ def unimodal_accuracy(samples: dict[str, np.ndarray], tasks: list[str]) -> dict:
         per_task = {}
         for k, task in enumerate(tasks):
             labelled = has & (samples["labels"][:, k] >= 0)
-            per_task[task] = (M.accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
+            per_task[task] = (accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
                               if labelled.any() else None)
         present = [value for value in per_task.values() if value is not None]
         result[name] = {"tasks": per_task, "mean": float(np.mean(present)) if present else None}
@@ -319,8 +321,8 @@ def log_evaluation(writer, result: EvalResult, step: int) -> None:
     if writer is None:
         return
     suffix = "" if result.perturb == "none" else f"_{result.perturb}"
-    for task, task_metrics in result.metrics["tasks"].items():
-        for name, value in task_metrics.items():
+    for task, scores in result.metrics["tasks"].items():
+        for name, value in scores.items():
             if name != "n" and value is not None:
                 writer.add_scalar(f"eval{suffix}/{task}/{name}", value, step)
         writer.add_image(f"eval{suffix}/{task}/confusion",
@@ -371,15 +373,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="cmaclip eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--out", required=True, help="metrics.json to write")
-    parser.add_argument("--precision", type=float, nargs="+", default=[0.9],
+    parser.add_argument("--precision", type=float, nargs="+", default=list(DEFAULT_PRECISIONS),
                         help="precision levels for recall_at_pNN (0.9 is always reported)")
     parser.add_argument("--perturb", default="none", choices=PERTURBATIONS,
                         help="robustness check: remove titles, remove images, or drop 30%% of title words")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drop-words perturbation")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"), help="input pipeline (data.loader)")
+    parser.add_argument("--loader", default="auto", choices=LOADERS, help="input pipeline (data.loader)")
     parser.add_argument("--tensorboard", default=None,
                         help="TensorBoard folder for the scalars and confusion matrices (default: "
                              "<output_dir>/tensorboard/eval-<split> when --checkpoint is an output_dir)")
@@ -387,7 +389,8 @@ def parse_args(argv):
     bad = [p for p in args.precision if not 0 < p <= 1]
     if bad:
         parser.error(f"--precision must be in (0, 1], got {bad}")
-    args.precision = sorted(set([0.9] + args.precision), key=[0.9, *args.precision].index)
+    always = list(DEFAULT_PRECISIONS)
+    args.precision = sorted(set(always + args.precision), key=[*always, *args.precision].index)
     return args
 
 

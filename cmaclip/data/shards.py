@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -43,7 +42,7 @@ import numpy as np
 
 from cmaclip.data.catalog import (BadRow, CatalogError, CatalogRow, placeholder_jpeg, prepare_image, read_catalog,
                                   skip_record)
-from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SPLITS, TEXT, EOT_TOKEN_ID,
+from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SHARD_FILE, SPLITS, TEXT, EOT_TOKEN_ID,
                                  encode_int32, load_dataset_info, sample_key, shard_name)
 from cmaclip.data.integrity import FILES_KEY, file_record, verify
 from cmaclip.errors import CmaclipError, command
@@ -52,7 +51,6 @@ from cmaclip.files import write_durably, write_json_atomic
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes
 STAGING_PREFIX = ".cmaclip-staging-"
-OWN_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.idx)?$")
 
 
 class ShardsError(CmaclipError, ValueError):
@@ -363,7 +361,7 @@ def remove_previous_output(out_dir: Path, current_staging: Path) -> None:
             continue
         if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-        elif OWN_FILE.match(entry.name) or entry.name.endswith(".partial"):
+        elif SHARD_FILE.match(entry.name) or entry.name.endswith(".partial"):
             entry.unlink()
 
 
