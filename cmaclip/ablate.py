@@ -222,12 +222,12 @@ def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_siz
     from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import check_tasks, evaluate_model
+    from cmaclip.evaluate import check_model_fits_shards, evaluate_model
 
     model = load_model(run_dir)
     eval_loader = build_loader(shards, split, config=DataConfig(loader=loader), batch_size=batch_size,
                                image_size=model.config.image_size, train=False)
-    check_tasks(model.tasks, eval_loader.dataset.tasks, run_dir, shards)
+    check_model_fits_shards(model.tasks, eval_loader.dataset.tasks, run_dir, shards)
     results = {}
     for perturb in perturbs:
         result = evaluate_model(model, eval_loader, perturb=perturb, pictures=0)

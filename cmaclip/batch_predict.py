@@ -298,7 +298,7 @@ def run(args) -> None:
     else:
         model = load_model(model_dir, accelerator.device)
         if calibration is not None:
-            calibration.check_tasks(model.tasks, model_dir / CALIBRATION_FILE)
+            calibration.check_fits_model(model.tasks, model_dir / CALIBRATION_FILE)
         loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader, workers=args.workers),
                               batch_size=args.batch_size, image_size=model.config.image_size, train=False,
                               rank=rank, world_size=accelerator.num_processes, device=accelerator.device)

@@ -63,7 +63,7 @@ def run(args) -> None:
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import check_tasks
+    from cmaclip.evaluate import check_model_fits_shards
 
     model_dir = resolve_model_dir(args.checkpoint)  # checked before any process group exists
     info = load_dataset_info(args.shards)
@@ -71,7 +71,7 @@ def run(args) -> None:
     quiet_libraries()
     accelerator = make_accelerator(RunConfig())
     model = load_model(model_dir, accelerator.device)
-    check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
+    check_model_fits_shards(model.tasks, info.tasks, args.checkpoint, args.shards)
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, device=accelerator.device)

@@ -176,7 +176,7 @@ class Calibration:
         accepted = probs[np.arange(len(predicted)), predicted] >= calibration.threshold_per_class(classes)[predicted]
         return probs, predicted, accepted
 
-    def check_tasks(self, model_tasks: dict[str, list[str]], path) -> None:
+    def check_fits_model(self, model_tasks: dict[str, list[str]], path) -> None:
         if list(self.tasks) != list(model_tasks):
             raise DataError(f"{path}: calibrated tasks {list(self.tasks)} differ from the model's "
                              f"{list(model_tasks)}; run `cmaclip calibrate` for this model again")

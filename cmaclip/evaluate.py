@@ -360,7 +360,8 @@ def format_table(metrics: dict, modality_weights: dict | None = None) -> str:
 
 # ---- checks ----------------------------------------------------------------------------------------
 
-def check_tasks(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint, shards) -> None:
+def check_model_fits_shards(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint,
+                            shards) -> None:
     if dict(model_tasks) != dict(data_tasks):
         raise DataError(f"the model in {checkpoint} was trained on tasks/classes that differ from {shards}'s "
                          f"dataset.json (model tasks {list(model_tasks)}, shards tasks {list(data_tasks)}): "
@@ -409,10 +410,10 @@ def main(argv=None) -> None:
     info = load_dataset_info(args.shards)
     model_dir = resolve_model_dir(args.checkpoint)
     model = load_model(model_dir, accelerator.device)
-    check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
+    check_model_fits_shards(model.tasks, info.tasks, args.checkpoint, args.shards)
     calibration = Calibration.load(model_dir)  # calibration.json, if fitted
     if calibration is not None:
-        calibration.check_tasks(model.tasks, model_dir)
+        calibration.check_fits_model(model.tasks, model_dir)
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, seed=args.seed, device=accelerator.device)

@@ -28,7 +28,8 @@ import torch
 
 from cmaclip.data.format import IMAGE, MODALITIES, TEXT
 from cmaclip.errors import command
-from cmaclip.products import Product, batched, encode_products, product_input_parser, read_products, reported, run_with_model
+from cmaclip.products import (Product, batched, encode_products, product_input_parser, read_products, reported,
+                              run_with_model)
 
 
 def prediction_lines(model, products: list[Product], output, top_k: int) -> list[dict]:

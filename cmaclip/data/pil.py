@@ -116,7 +116,7 @@ class SampleTable:
             self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
         return self._files[shard]
 
-    def describe(self, sample: int) -> str:
+    def location(self, sample: int) -> str:
         shard = int(self.shard_of[sample])
         first = int(np.searchsorted(self.shard_of, shard))
         return f"{self.shard_paths[shard]} sample {sample - first}"
@@ -209,7 +209,7 @@ class BatchMaker:
                 pixels = eval_crop(image, self.image_size)
             return pixels, values["tok"], values["lbl"], values["idx"][0], values["mod"]
         except Exception as error:  # noqa: BLE001 -- any unreadable sample is skipped, never fatal
-            self._warnings.warn(f"skipping unreadable sample ({self.table.describe(sample)}): {error}")
+            self._warnings.warn(f"skipping unreadable sample ({self.table.location(sample)}): {error}")
             return self._empty_row()
 
     def _empty_row(self):
