@@ -308,7 +308,8 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
 
     step, notes = 0, []
     if resume_from is not None:
-        resume_from, step = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
+        resume_from, resumed = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
+        step = resumed.step
     if accelerator.is_main_process:
         resume.record_config(output_dir, config)
         (output_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
@@ -332,8 +333,9 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
         monitor.line(f"step {step}: {result.summary()}")
 
     def save(at_step: int) -> Path:
-        return checkpoint.save_checkpoint(accelerator, output_dir, at_step, train_loader, config.train.keep_last,
-                                          extra_state={"config": to_dict(config)})
+        state = checkpoint.RunState(step=at_step, world_size=accelerator.num_processes, config=to_dict(config),
+                                    loader=train_loader.state_dict())
+        return checkpoint.save_checkpoint(accelerator, output_dir, state, config.train.keep_last)
 
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()

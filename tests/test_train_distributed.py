@@ -9,6 +9,7 @@ steps, through the command lines users run (`accelerate launch ... -m cmaclip.tr
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -100,7 +101,7 @@ def test_ddp_on_two_processes_lowers_the_loss(ddp_run, fashion_shards):
     for tag in [*(f"eval/{task}/accuracy" for task in tasks), *(f"modality_weight/{task}/image" for task in tasks)]:
         assert set(losses(ddp_run, tag)) == {4, 8}, tag
     assert {p.name for p in (ddp_run / "checkpoints").iterdir()} == {"step-000000004", "step-000000008"}
-    assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.pt").is_file()
+    assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.json").is_file()
 
 
 # One update whose size is the raw gradient: Adam's first step is lr * g / (|g| + eps), so with eps
@@ -346,7 +347,7 @@ def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: di
     left = samples - consumed_before_resume - 2 * 8
     epoch_end = 6 + batches_per_epoch(left, 2, 8)
     checkpoint = output_dir / "checkpoints" / f"step-{epoch_end:09d}"
-    states = [torch.load(checkpoint / f"loader-rank{rank:05d}.pt", weights_only=False) for rank in range(2)]
+    states = [json.loads((checkpoint / f"loader-rank{rank:05d}.json").read_text()) for rank in range(2)]
     assert all(state["epoch"] == 0 for state in states)
     seen = sorted(int(i) for state in states for i in decode(state["consumed"]))
     assert seen == list(range(samples))
