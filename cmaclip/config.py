@@ -24,6 +24,7 @@ from cmaclip.errors import CmaclipError
 from cmaclip.model.config import ContrastiveConfig, ModelConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+MIXED_PRECISIONS = ("auto", "bf16", "no")  # train.mixed_precision (and predict/explain --mixed-precision)
 
 
 class ConfigError(CmaclipError, ValueError):
@@ -143,8 +144,9 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0 (0 = only at the end), got {getattr(self, name)}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ConfigError(f"train.mixed_precision: {self.mixed_precision!r} is not one of auto, bf16, no")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"train.mixed_precision: {self.mixed_precision!r} is not one of "
+                              f"{', '.join(MIXED_PRECISIONS)}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 
+from cmaclip.config import MIXED_PRECISIONS
 from cmaclip.data.catalog import BadRow, CatalogError, id_text, prepare_image, read_records
 from cmaclip.data.format import attention_mask_from_tokens
 from cmaclip.data.pil import preprocess_image
@@ -143,7 +144,7 @@ def product_input_parser(command: str, description: str, out_help: str) -> argpa
     parser.add_argument("--text-column", default="text", help="the title field/column")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
-    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
+    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISIONS,
                         help="bf16 autocast: auto = on GPUs that compute bf16 natively (train.mixed_precision)")
     return parser
 
