@@ -371,8 +371,8 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls=RunConfig, prefix: str = "") -> str:
-    """Every config key with its default and docstring: the text of `cmaclip train --keys`."""
+def keys_reference(cls=RunConfig, prefix: str = "") -> str:
+    """Every config key with its default and docstring: the text of `cmaclip train --keys` (and docs/CONFIG.md)."""
     lines = []
     docs = field_docs(cls)
     defaults = cls()
@@ -381,7 +381,7 @@ def describe(cls=RunConfig, prefix: str = "") -> str:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
             lines.append(f"\n{key}.*: {docs.get(f.name, '')}")
-            lines.append(describe(hints[f.name], prefix=f"{key}."))
+            lines.append(keys_reference(hints[f.name], prefix=f"{key}."))
             continue
         default = getattr(defaults, f.name)
         lines.append(f"  {key} = {default!r}")

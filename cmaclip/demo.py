@@ -56,8 +56,8 @@ def build_shards(out: Path) -> Path:
     return shards
 
 
-def train(shards: Path, run: Path, processes: int, overrides: list[str], module: str = "cmaclip.train",
-          config: str = CONFIG) -> None:
+def launch_training(shards: Path, run: Path, processes: int, overrides: list[str], module: str = "cmaclip.train",
+                    config: str = CONFIG) -> None:
     if run.exists():
         print(f"removing the previous demo run {run}")
         shutil.rmtree(run)
@@ -76,7 +76,7 @@ def train(shards: Path, run: Path, processes: int, overrides: list[str], module:
     print(f"trained in {time.perf_counter() - started:.0f} s")
 
 
-def evaluate(shards: Path, run: Path, out: Path) -> None:
+def evaluate_on_val(shards: Path, run: Path, out: Path) -> None:
     from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
@@ -100,7 +100,7 @@ def evaluate(shards: Path, run: Path, out: Path) -> None:
     print(f"wrote {out / 'metrics.json'} (per-class tables included)")
 
 
-def explain(run: Path, out: Path) -> None:
+def draw_attention_pictures(run: Path, out: Path) -> None:
     from cmaclip.checkpoint import load_model
     from cmaclip.explain import explain_file
 
@@ -167,16 +167,16 @@ def main(argv=None) -> None:
     start = "random init"
     if args.pretrain:
         heading(2, f"contrastive image-title pretraining of the tiny CLIP backbone on {args.processes} CPU processes")
-        train(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
-              config=PRETRAIN_CONFIG)
+        launch_training(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
+                        config=PRETRAIN_CONFIG)
         overrides.insert(0, f"model.pretrained={out / 'pretrain' / MODEL_DIR}")
         start = "the pretrained backbone"
     heading(2, f"training the tiny CMA-CLIP from {start} on {args.processes} CPU processes")
-    train(shards, run, args.processes, overrides)
+    launch_training(shards, run, args.processes, overrides)
     heading(3, "evaluation on the validation split")
-    evaluate(shards, run, out)
+    evaluate_on_val(shards, run, out)
     heading(4, "attention pictures")
-    explain(run, out)
+    draw_attention_pictures(run, out)
     print(next_steps(Path(args.out), Path(args.out) / "run"))
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 

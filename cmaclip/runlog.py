@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cmaclip.checkpoint import TRAIN_LOG
-from cmaclip.errors import describe
+from cmaclip.errors import error_line
 
 log = logging.getLogger("cmaclip.run")
 log.setLevel(logging.INFO)
@@ -36,7 +36,7 @@ def writing(output_dir: str | Path, is_main_process: bool):
     try:
         yield
     except BaseException as error:
-        log.error(f"stopped: {describe(error)}")
+        log.error(f"stopped: {error_line(error)}")
         raise
     finally:
         log.removeHandler(handler)

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from cmaclip import checkpoint, resume, runlock, runlog
-from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
-from cmaclip.data.loader import backend_reason, build_loader, model_inputs
+from cmaclip.config import ConfigError, OptimConfig, RunConfig, keys_reference, load_config, to_dict, to_yaml
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.loader import backend_reason, build_loader
 from cmaclip.distributed import (StopRequest, adamw_implementation, die_with_launcher, fill_deepspeed_config,
                                  make_accelerator, quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
@@ -476,7 +477,7 @@ def command_line(argv, prog: str, description: str, objective: Objective) -> Non
     """The shared command line of `cmaclip train` and `cmaclip pretrain`."""
     args = parse_args(argv, prog, description)
     if args.keys:
-        print(describe())
+        print(keys_reference())
         return
     try:
         config = load_config(args.config, args.overrides)

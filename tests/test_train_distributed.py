@@ -341,7 +341,7 @@ def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: di
     consumed, unmerged, so a sample read twice would show twice). The loss curve goes on like the
     uninterrupted 2-rank run's: each of steps 5-8 within 25% of it (the batches differ, and steps
     5-6 average 8 samples instead of 16), and their mean within 10%."""
-    from cmaclip.data.loader import batches_per_epoch, decode
+    from cmaclip.data.batch import batches_per_epoch, decode
 
     samples = load_dataset_info(shards).num_samples("train")
     consumed_before_resume = 4 * 2 * 8

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 from transformers import CLIPConfig
 
-FUSIONS = ("cma", "cma-no-modality", "concat", "image", "text")
+# `model.fusion` values, simplest first (the order of the paper's Table 6, which `cmaclip ablate` writes):
+# one modality, both concatenated (fine-tuned CLIP), CMA-CLIP without and with modality attention.
+FUSIONS = ("image", "text", "concat", "cma-no-modality", "cma")
 
 # The shapes of the released OpenAI checkpoints (openai/clip-vit-base-patch32, -base-patch16,
 # -large-patch14). `tiny` is ours: small enough for the tests' many forwards and backwards on one
