@@ -162,7 +162,7 @@ class LoggingConfig:
 
     progress_bar: bool = True
     """Show progress on rank 0: a tqdm bar (steps, loss, samples/s, ETA) in a terminal; written to
-    a file (Slurm's output, `> train.log`), one line every log_every steps instead."""
+    a file (Slurm's output, `> run.out`), one line every log_every steps instead."""
 
     def validate(self) -> None:
         if self.log_every < 1:
