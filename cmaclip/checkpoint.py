@@ -16,6 +16,7 @@ Layout under output_dir:
         model.safetensors               fp32 weights
         calibration.json                `cmaclip calibrate`'s thresholds, if fitted (calibration.py)
     tensorboard/                    event files (train; eval-<split>/ from `cmaclip eval`)
+    train.log                       the run's notices, every start appended (runlog.py)
     config.yaml, config-2.yaml ...  the config of each start that changed it (resume.py)
     LOCK                            held by the running training (runlock.py)
     PREEMPTED                       the step a signalled run stopped at (Slurm requeues on it)
@@ -47,6 +48,7 @@ from cmaclip.model.cmaclip import WEIGHTS_FILE as MODEL_WEIGHTS_FILE
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 TENSORBOARD_DIR = "tensorboard"
+TRAIN_LOG = "train.log"
 RUN_CONFIG_FILE = "config.yaml"
 LOCK_FILE = "LOCK"
 PREEMPTED_MARKER = "PREEMPTED"

@@ -1,7 +1,7 @@
 """The typed run config: `model.*`, `data.*`, `optim.*`, `train.*`, `logging.*`, `pretrain.*` and `output_dir`.
 
 A run is described by defaults <- a YAML recipe (configs/*.yaml) <- `key.sub=value` overrides from
-the command line. Every key is a dataclass field with a docstring (`cmaclip train --help` lists
+the command line. Every key is a dataclass field with a docstring (`cmaclip train --keys` lists
 them); a value is converted to the field's type, and a key that names no field is an error that
 names the key and the file it came from, so a typo never silently trains with a default.
 """
@@ -134,8 +134,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (inductor, through Accelerate: after the DDP wrap, or the DeepSpeed
     engine's module in place). The first steps pay minutes of compilation (and recompile for new
-    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py: 0.96x tiny,
-    1.06x ViT-B/32), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
+    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py; README,
+    "Efficiency"), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps"):
@@ -164,7 +164,7 @@ class LoggingConfig:
 
     progress_bar: bool = True
     """Show progress on rank 0: a tqdm bar (steps, loss, samples/s, ETA) in a terminal; written to
-    a file (Slurm's output, `> train.log`), one line every log_every steps instead."""
+    a file (Slurm's output, `> run.out`), one line every log_every steps instead."""
 
     def validate(self) -> None:
         if self.log_every < 1:

@@ -102,6 +102,9 @@ def test_ddp_on_two_processes_lowers_the_loss(ddp_run, fashion_shards):
         assert set(losses(ddp_run, tag)) == {4, 8}, tag
     assert {p.name for p in (ddp_run / "checkpoints").iterdir()} == {"step-000000004", "step-000000008"}
     assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.json").is_file()
+    log = (ddp_run / "train.log").read_text()  # rank 0's alone: once each, not once per rank
+    assert log.count(" INFO start: 2 process(es)") == 1 and log.count("training on 2 process(es)") == 1, log
+    assert log.count("step 8: eval (") == 1 and log.count("efficiency: ") == 1, log
 
 
 # One update whose size is the raw gradient: Adam's first step is lr * g / (|g| + eps), so with eps

@@ -61,7 +61,8 @@ def model_inputs(batch: dict, with_labels: bool = False, with_host_facts: bool =
 
 def normalize(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One uint8 image [3, S, S] (any strides) -> float32 [3, S, S] with CLIP's mean/std, in one
-    pass; called per image, so the image is still in cache (a whole batch at a time is 3x slower)."""
+    pass; called per image, so the image is still in cache (a whole batch at a time is slower:
+    docs/MEASUREMENTS.md)."""
     return torch.addcmul(_SHIFT, image, _SCALE, out=out)
 
 

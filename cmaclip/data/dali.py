@@ -81,7 +81,7 @@ def finish_crops(crops, mirror, images: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def one_torch_thread():
     """Ops on one image are too small to share out: on more threads they mostly make the idle
-    OpenMP workers spin (the loader took 1.6x the CPU time with torch's 2 threads here)."""
+    OpenMP workers spin (docs/MEASUREMENTS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -92,8 +92,8 @@ def one_torch_thread():
 
 class BatchBuffers:
     """Float batches handed out again once nobody holds them. A fresh [64, 3, 224, 224] batch
-    (38 MB) costs 17 ms of page faults, as much as resizing its 64 images: glibc maps every
-    allocation over 32 MB anew. A buffer is reused only when no tensor or view of it is left:
+    (38 MB) costs page faults on every use (docs/MEASUREMENTS.md): glibc maps every allocation
+    over 32 MB anew. A buffer is reused only when no tensor or view of it is left:
     torch.from_numpy keeps its array alive, so a held buffer's array has one more reference."""
 
     def __init__(self, keep: int = 4):
