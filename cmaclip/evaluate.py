@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from cmaclip.calibration import Calibration, auto_fill_report, format_report
+from cmaclip.data.batch import model_inputs
 from cmaclip.data.config import LOADERS
 from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, SPLITS, TEXT
-from cmaclip.data.batch import model_inputs
 from cmaclip.data.loader import build_loader
 from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
