@@ -41,6 +41,7 @@ import torch
 from cmaclip import elastic
 from cmaclip.config import ConfigError
 from cmaclip.errors import CmaclipError, DataError, disk_error
+from cmaclip.model.cmaclip import CMAClip
 # the model library writes these two (it never imports the trainer); every other reader takes them from here
 from cmaclip.model.cmaclip import CONFIG_FILE as MODEL_CONFIG_FILE
 from cmaclip.model.cmaclip import WEIGHTS_FILE as MODEL_WEIGHTS_FILE
@@ -258,8 +259,6 @@ def resolve_model_dir(checkpoint: str | Path) -> Path:
 
 def load_model(checkpoint: str | Path, device="cpu"):
     """The exported CMAClip of an output_dir or a model folder, in eval mode on `device`."""
-    from cmaclip.model import CMAClip
-
     model_dir = resolve_model_dir(checkpoint)
     model = CMAClip.from_pretrained(model_dir)
     broken = [name for name, tensor in model.state_dict().items()
