@@ -120,12 +120,19 @@ class RunState:
 
 
 def read_run_state(checkpoint: str | Path) -> RunState:
-    """A checkpoint's trainer_state.json (without a loader state)."""
+    """A checkpoint's trainer_state.json (without a loader state). ValueError for one that is not a
+    RunState, as for a truncated file: resume.py then treats the checkpoint as damaged."""
     path = Path(checkpoint) / TRAINER_STATE
     saved = json.loads(path.read_text())
-    unknown = sorted(set(saved) - {field.name for field in dataclasses.fields(RunState) if field.name != "loader"})
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    fields = [field for field in dataclasses.fields(RunState) if field.name != "loader"]
+    unknown = sorted(set(saved) - {field.name for field in fields})
     if unknown:
         raise ValueError(f"{path}: unknown entries {unknown} (written by a newer cmaclip?)")
+    missing = [field.name for field in fields if field.default is dataclasses.MISSING and field.name not in saved]
+    if missing:
+        raise ValueError(f"{path}: missing entries {missing}")
     return RunState(**saved)
 
 
