@@ -41,6 +41,7 @@ import torch
 from cmaclip import elastic
 from cmaclip.config import ConfigError
 from cmaclip.errors import CmaclipError, DataError, disk_error
+from cmaclip.model.cmaclip import CMAClip
 # the model library writes these two (it never imports the trainer); every other reader takes them from here
 from cmaclip.model.cmaclip import CONFIG_FILE as MODEL_CONFIG_FILE
 from cmaclip.model.cmaclip import WEIGHTS_FILE as MODEL_WEIGHTS_FILE
@@ -119,12 +120,19 @@ class RunState:
 
 
 def read_run_state(checkpoint: str | Path) -> RunState:
-    """A checkpoint's trainer_state.json (without a loader state)."""
+    """A checkpoint's trainer_state.json (without a loader state). ValueError for one that is not a
+    RunState, as for a truncated file: resume.py then treats the checkpoint as damaged."""
     path = Path(checkpoint) / TRAINER_STATE
     saved = json.loads(path.read_text())
-    unknown = sorted(set(saved) - {field.name for field in dataclasses.fields(RunState) if field.name != "loader"})
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    fields = [field for field in dataclasses.fields(RunState) if field.name != "loader"]
+    unknown = sorted(set(saved) - {field.name for field in fields})
     if unknown:
         raise ValueError(f"{path}: unknown entries {unknown} (written by a newer cmaclip?)")
+    missing = [field.name for field in fields if field.default is dataclasses.MISSING and field.name not in saved]
+    if missing:
+        raise ValueError(f"{path}: missing entries {missing}")
     return RunState(**saved)
 
 
@@ -258,8 +266,6 @@ def resolve_model_dir(checkpoint: str | Path) -> Path:
 
 def load_model(checkpoint: str | Path, device="cpu"):
     """The exported CMAClip of an output_dir or a model folder, in eval mode on `device`."""
-    from cmaclip.model import CMAClip
-
     model_dir = resolve_model_dir(checkpoint)
     model = CMAClip.from_pretrained(model_dir)
     broken = [name for name, tensor in model.state_dict().items()

@@ -29,8 +29,9 @@ import torch.distributed as dist
 
 from cmaclip.calibration import Calibration, auto_fill_report, format_report
 from cmaclip.data.batch import model_inputs
-from cmaclip.data.config import LOADERS
-from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, SPLITS, TEXT
+from cmaclip.data.config import LOADERS, DataConfig
+from cmaclip.data.format import (EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, SPLITS, TEXT,
+                                 attention_mask_from_tokens, load_dataset_info)
 from cmaclip.data.loader import build_loader
 from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
@@ -134,8 +135,6 @@ def _words_dropped(batch: dict, seed: int, word_end: np.ndarray) -> dict:
         rng = np.random.default_rng([seed, index + 1])  # per sample: same words whatever the batching
         out[row] = drop_words(ids, lambda: rng.random() >= DROP_WORDS_FRACTION, word_end)
     input_ids = torch.from_numpy(out).to(batch["input_ids"].device)
-    from cmaclip.data.format import attention_mask_from_tokens
-
     attention_mask = torch.from_numpy(attention_mask_from_tokens(out)).to(batch["attention_mask"].device)
     return {**batch, "input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -400,8 +399,6 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cmaclip.checkpoint import TENSORBOARD_DIR, load_model, resolve_model_dir
     from cmaclip.config import RunConfig
-    from cmaclip.data.config import DataConfig
-    from cmaclip.data.format import load_dataset_info
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
 
     quiet_libraries()

@@ -125,6 +125,17 @@ def test_a_trainer_state_with_unknown_entries_is_refused_by_name(tmp_path):
         checkpoint.read_run_state(saved)
 
 
+@pytest.mark.parametrize("content, problem", [({"world_size": 1}, r"missing entries \['step'\]"),
+                                              ([4, 1], "not a JSON object")])
+def test_a_damaged_trainer_state_is_a_value_error(tmp_path, content, problem):
+    """resume.py skips a checkpoint whose trainer_state.json raises ValueError (train.resume=auto falls
+    back to an older one); before RunState a missing entry did the same, through load_checkpoint."""
+    saved = save(tmp_path, 4)
+    (saved / "trainer_state.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"trainer_state.json: {problem}"):
+        checkpoint.read_run_state(saved)
+
+
 def test_model_folder_resolution(tmp_path):
     (tmp_path / "model").mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -1,14 +1,17 @@
 """The import graph of cmaclip/, read with `ast` (nothing is imported): no cycle, no import up a layer.
 
-LAYERS is where the layers are defined (ARCHITECTURE.md, "Layers", names them). Every import
-counts, a function's local import too; `importlib` strings (cli.py's table) do not. Importing
-`a.b.c` is an edge to module a.b.c only: the parent packages' __init__ files run too, but they
-hold no cmaclip imports of their own except cmaclip/model/__init__.py, the model's front door.
+LAYERS is where the layers are defined; ARCHITECTURE.md's "Layers" table must name the same ones
+and its module map every module. Every import counts, a function's local import too; `importlib`
+strings (cli.py's table) do not. Importing `a.b.c` is an edge to module a.b.c only: the parent
+packages' __init__ files run too, but they hold no cmaclip imports of their own except
+cmaclip/model/__init__.py, the model's front door.
 """
 import ast
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "cmaclip"
+ARCHITECTURE = PACKAGE_DIR.parent / "ARCHITECTURE.md"
 
 # layer: (its modules: a name, or "package.*" for a package and everything in it; the layers it may
 # import besides its own)
@@ -131,6 +134,41 @@ def test_the_model_library_never_imports_the_trainer():
                if layer_of(module, LAYERS) == "model" for target in sorted(targets)
                if layer_of(target, LAYERS) not in ("model", "base")]
     assert not outside, "\n".join(outside)
+
+
+def documented_layers(text: str) -> dict:
+    """ARCHITECTURE.md's "Layers" table in LAYERS' shape (module names without the `cmaclip`
+    package itself, which the table leaves out)."""
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    layers = {}
+    for row in re.findall(r"^\| (\w+) \| (.+?) \| (.+?) \|$", section, re.M):
+        layer, modules, builds_on = row
+        if layer == "layer":  # the header
+            continue
+        names = [name.strip().removesuffix(".py") for name in re.sub(r"\([^)]*\)", "", modules).split(",")]
+        below = list(layers) if builds_on == "all of the above" else [
+            name.strip() for name in builds_on.split(",") if name.strip() != "-"]
+        layers[layer] = (["cmaclip." + name.replace("/", ".") for name in names], below)
+    return layers
+
+
+def test_architecture_md_names_the_layers_of_LAYERS():
+    expected = {layer: ([m for m in members if m != "cmaclip"], below) for layer, (members, below) in LAYERS.items()}
+    assert documented_layers(ARCHITECTURE.read_text()) == expected
+
+
+def test_architecture_md_maps_every_module():
+    """The module map (the first code block) has a line for every file of the package."""
+    block = ARCHITECTURE.read_text().split("```")[1]
+    mapped, folder = set(), ""
+    for indent, name in re.findall(r"^( +)(\S+\.py|\S+/)(?= |$)", block, re.M):
+        if name.endswith("/"):
+            folder = name
+        else:
+            mapped.add(name if len(indent) == 2 else folder + name)
+    files = {str(path.relative_to(PACKAGE_DIR)) for path in PACKAGE_DIR.rglob("*.py")
+             if not path.name.startswith("__")}
+    assert sorted(files - mapped) == [] and sorted(mapped - files) == []
 
 
 def write_package(root: Path, files: dict[str, str]) -> Path:

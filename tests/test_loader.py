@@ -1,4 +1,4 @@
-"""The input pipelines (cmaclip/data/loader.py, dali.py, pil.py) against the batch contract.
+"""The input pipelines (cmaclip/data/loader.py, dali.py, pil.py) against the batch contract (data/batch.py).
 
 Ranks are simulated in one process: loaders built with rank=0/1, world_size=2 over shards written
 by `write_shards` from the repository's sample photos (some cropped to non-square shapes, one

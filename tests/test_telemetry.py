@@ -2,8 +2,6 @@
 short training run that reports them in its log lines and TensorBoard."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -4,12 +4,12 @@ On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and land 
 token ids, labels, indices and modalities stay on the host (the loader reads them there without a
 device sync); otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
 training crops leave DALI as decoded, uint8 and of any size, and `finish_crops` resizes, flips and
-normalizes them with torch, because DALI's CPU resampling costs about four times torch's uint8
-kernel (bench/data.py; 65% of DALI's CPU time per image before). The crop windows and flips are
-still drawn by DALI, so they stay in its checkpoint. The reader splits the
-split into `num_shards` parts and pads them (`pad_last_batch`), which is the batching rule
-batch.py describes; its shuffle buffer draws anew every epoch. The pipeline is checkpointed
-(`enable_checkpointing`), so its reader position and RNG states go into `state_dict()`.
+normalizes them with torch, because DALI's CPU resampling costs several times torch's uint8
+kernel (bench/data.py; docs/MEASUREMENTS.md). The crop windows and flips are still drawn by DALI,
+so they stay in its checkpoint. The reader splits the split into `num_shards` parts and pads them
+(`pad_last_batch`), which is the batching rule batch.py describes; its shuffle buffer draws anew
+every epoch. The pipeline is checkpointed (`enable_checkpointing`), so its reader position and RNG
+states go into `state_dict()`.
 """
 from __future__ import annotations
 
