@@ -42,25 +42,26 @@ WORKERS = 1  # per rank: DALI threads / PIL DataLoader workers
 
 
 def bench_model(folder: Path, tasks: dict) -> Path:
+    from cmaclip.checkpoint import MODEL_DIR
     from cmaclip.model import CMAClip, ModelConfig
     from cmaclip.model.config import preset_clip_config
 
     config = ModelConfig(preset="tiny", image_size=224)
     clip = preset_clip_config(config).to_dict()
     clip["vision_config"]["patch_size"] = 32  # 49 patches: the model stays small next to the loader
-    CMAClip(config, tasks, clip_config=clip).save_pretrained(folder / "model")
-    return folder / "model"
+    CMAClip(config, tasks, clip_config=clip).save_pretrained(folder / MODEL_DIR)
+    return folder / MODEL_DIR
 
 
 def measure(loader_name: str, shards: str, model_dir: str, batch_size: int, workers: int) -> None:
     """One rank of a run: print {"rank", "images", "wall", "cpu"} as JSON."""
     from cmaclip.batch_predict import PartWriter, predict_share, product_ids
+    from cmaclip.checkpoint import load_model
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import load_model
 
     quiet_libraries()
     accelerator = make_accelerator(RunConfig())

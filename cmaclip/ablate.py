@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cmaclip.data.format import SPLITS
 from cmaclip.errors import command
 from cmaclip.evaluate import PERTURBATIONS
 from cmaclip.files import write_json_atomic
+from cmaclip.model.config import FUSIONS
 
-VARIANTS = ("image", "text", "concat", "cma-no-modality", "cma")
 VARIANT_NAMES = {
     "image": "image only (CLIP image encoder)",
     "text": "text only (CLIP text encoder)",
@@ -92,7 +93,7 @@ def table6(results: dict[str, dict]) -> str:
     """Per-task accuracy and recall at 90% precision (percent) of each variant, and the means;
     the best value of each column in bold. results: variant -> clean metrics.json content, or
     average_runs() of several seeds (then cells read mean ± std)."""
-    variants = [v for v in VARIANTS if v in results] + [v for v in results if v not in VARIANTS]
+    variants = [v for v in FUSIONS if v in results] + [v for v in results if v not in FUSIONS]
     tasks = list(next(iter(results.values()))["tasks"])
     columns = [(task, "accuracy") for task in tasks] + [(task, "recall_at_p90") for task in tasks]
     columns += [("mean", "accuracy"), ("mean", "recall_at_p90")]
@@ -118,7 +119,7 @@ def table6(results: dict[str, dict]) -> str:
 def robustness_table(results: dict[str, dict[str, dict]]) -> str:
     """Mean accuracy (percent) clean and under each perturbation, with the drop from clean.
     results: variant -> perturb -> metrics.json content."""
-    variants = [v for v in VARIANTS if v in results] + [v for v in results if v not in VARIANTS]
+    variants = [v for v in FUSIONS if v in results] + [v for v in results if v not in FUSIONS]
     perturbs = [p for p in PERTURBATIONS if p != "none"]
     header = ["variant", "clean"] + [f"{p} (drop)" for p in perturbs]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -218,14 +219,15 @@ def train_command(launcher: list[str], config: str, overrides: list[str]) -> lis
 
 def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_size: int, loader: str) -> dict:
     """Clean and perturbed metrics of one trained variant, in this process (one model load)."""
+    from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import check_tasks, evaluate_model, load_model
+    from cmaclip.evaluate import check_model_fits_shards, evaluate_model
 
     model = load_model(run_dir)
     eval_loader = build_loader(shards, split, config=DataConfig(loader=loader), batch_size=batch_size,
                                image_size=model.config.image_size, train=False)
-    check_tasks(model.tasks, eval_loader.dataset.tasks, run_dir, shards)
+    check_model_fits_shards(model.tasks, eval_loader.dataset.tasks, run_dir, shards)
     results = {}
     for perturb in perturbs:
         result = evaluate_model(model, eval_loader, perturb=perturb, pictures=0)
@@ -277,7 +279,7 @@ def train_and_evaluate(run_dir: Path, variant: str, label: str, *, launcher, con
     return results
 
 
-def ablate(config_path: str, shards: str, overrides: list[str], *, variants=VARIANTS, seeds: list[int] | None = None,
+def ablate(config_path: str, shards: str, overrides: list[str], *, variants=FUSIONS, seeds: list[int] | None = None,
            launcher: list[str] = (), split: str = "val", eval_batch_size: int = 64, robustness: bool = True,
            log=lambda message: print(message, flush=True)) -> Path:
     """Train and evaluate `variants` (with each of `seeds`, default: the config's train.seed);
@@ -345,15 +347,15 @@ def parse_args(argv):
                                      epilog="overrides: key.sub=value pairs applied to every variant")
     parser.add_argument("--config", required=True, help="the YAML recipe every variant trains with")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all five)")
+    parser.add_argument("--variants", default=",".join(FUSIONS),
+                        help=f"comma-separated subset of {','.join(FUSIONS)} (default: all five)")
     parser.add_argument("--seeds", default="", help="comma-separated train.seed values, e.g. 0,1,2: every variant "
                                                      "runs with each and the tables show mean ± std (default: "
                                                      "the config's seed, one run)")
     parser.add_argument("--launcher", default="",
                         help='how to start each training, e.g. "accelerate launch --config_file '
                              'launchers/accelerate/cpu.yaml" (default: one process of this Python)')
-    parser.add_argument("--split", default="val", choices=("val", "test", "train"), help="evaluation split")
+    parser.add_argument("--split", default="val", choices=SPLITS, help="evaluation split")
     parser.add_argument("--no-robustness", action="store_true", help="skip the perturbed evaluations")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
@@ -362,9 +364,9 @@ def parse_args(argv):
         args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()] or None
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in FUSIONS]
     if unknown or not args.variants:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(FUSIONS)}")
     return args
 
 

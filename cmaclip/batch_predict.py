@@ -7,7 +7,7 @@ number of ranks and nodes, with the auto-fill decision of `cmaclip calibrate`.
     sbatch --nodes 4 launchers/slurm/predict.sbatch --checkpoint runs/x --shards DIR --out preds/
 
 Every rank reads its share of the split with the training loader (DALI with nvJPEG on a GPU, or
-the PIL fallback; the eval transform). loader.py's rule cuts the split into world_size contiguous
+the PIL fallback; the eval transform). data/batch.py's rule cuts the split into world_size contiguous
 parts and marks padding rows with index -1, which are dropped here, so every sample is predicted
 exactly once across ranks. No gradients; bf16 autocast on a GPU that has it. A product's id is
 its sample's `id` component, found from the batch's `index` through the shards' .idx files (the
@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from cmaclip.calibration import CALIBRATION_FILE, Calibration, probabilities
-from cmaclip.data.format import IMAGE, TEXT
+from cmaclip.data.config import LOADERS
+from cmaclip.data.format import IMAGE, SPLITS, TEXT
 from cmaclip.errors import CmaclipError, DataError
 
 PART_FORMAT = "part-{rank:05d}-of-{world_size:05d}.parquet"
@@ -171,7 +172,7 @@ def check_existing_parts(out: Path, run: dict) -> None:
 @torch.no_grad()
 def model_outputs(model, loader, autocast=contextlib.nullcontext):
     """(batch, output) for each batch of the loader's current epoch, no gradients."""
-    from cmaclip.data.loader import model_inputs
+    from cmaclip.data.batch import model_inputs
 
     for batch in loader:
         with autocast():
@@ -183,7 +184,7 @@ def predict_share(model, loader, ids, part: PartWriter, *, calibration: Calibrat
                   autocast=contextlib.nullcontext) -> tuple[int, list[str]]:
     """Write this rank's share of the loader's split into `part` -> (products written, ids of the
     samples of the share the loader could not read). ids: sample index -> product id."""
-    from cmaclip.data.loader import rank_share
+    from cmaclip.data.batch import rank_share
 
     share = rank_share(loader.num_samples, loader.rank, loader.world_size, loader.epoch)
     seen = np.zeros(len(share), bool)
@@ -248,12 +249,12 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder "
                                                             f"(its {CALIBRATION_FILE}, if any, gives the decisions)")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
-    parser.add_argument("--split", default="train", choices=("train", "val", "test"),
+    parser.add_argument("--split", default="train", choices=SPLITS,
                         help="the split to predict (a catalogue written with --val-fraction 0 is all train)")
     parser.add_argument("--out", required=True, help="output folder: one Parquet part per rank + summary.json")
     parser.add_argument("--top-k", type=int, default=3, help="classes listed per task")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"), help="input pipeline")
+    parser.add_argument("--loader", default="auto", choices=LOADERS, help="input pipeline")
     parser.add_argument("--workers", type=int, default=2, help="DALI threads / PIL DataLoader workers per process")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
@@ -267,12 +268,12 @@ def calibration_digest(model_dir: Path) -> str | None:
 
 
 def run(args) -> None:
+    from cmaclip.checkpoint import load_model, resolve_model_dir
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import load_model, resolve_model_dir
     from cmaclip.files import write_json_atomic
 
     # the arguments are checked before any process group exists: every rank stops with one line
@@ -297,7 +298,7 @@ def run(args) -> None:
     else:
         model = load_model(model_dir, accelerator.device)
         if calibration is not None:
-            calibration.check_tasks(model.tasks, model_dir / CALIBRATION_FILE)
+            calibration.check_fits_model(model.tasks, model_dir / CALIBRATION_FILE)
         loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader, workers=args.workers),
                               batch_size=args.batch_size, image_size=model.config.image_size, train=False,
                               rank=rank, world_size=accelerator.num_processes, device=accelerator.device)

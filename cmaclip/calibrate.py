@@ -17,6 +17,8 @@ import sys
 import numpy as np
 
 from cmaclip.calibration import calibrate, format_report
+from cmaclip.data.config import LOADERS
+from cmaclip.data.format import SPLITS
 from cmaclip.errors import command
 
 
@@ -39,13 +41,13 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="cmaclip calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards` (labelled)")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
+    parser.add_argument("--split", default="val", choices=SPLITS,
                         help="the labelled split to fit on (not the one you report on)")
     parser.add_argument("--precision", type=float, default=0.9, help="target precision of the accepted predictions")
     parser.add_argument("--min-class-samples", type=int, default=100,
                         help="a predicted class with this many samples in the split gets its own threshold")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"), help="input pipeline")
+    parser.add_argument("--loader", default="auto", choices=LOADERS, help="input pipeline")
     args = parser.parse_args(argv)
     if not 0 < args.precision <= 1:
         parser.error(f"--precision must be in (0, 1], got {args.precision}")
@@ -55,12 +57,13 @@ def parse_args(argv):
 
 
 def run(args) -> None:
+    from cmaclip.checkpoint import load_model, resolve_model_dir
     from cmaclip.config import RunConfig
     from cmaclip.data.config import DataConfig
     from cmaclip.data.format import load_dataset_info
     from cmaclip.data.loader import build_loader
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
-    from cmaclip.evaluate import check_tasks, load_model, resolve_model_dir
+    from cmaclip.evaluate import check_model_fits_shards
 
     model_dir = resolve_model_dir(args.checkpoint)  # checked before any process group exists
     info = load_dataset_info(args.shards)
@@ -68,7 +71,7 @@ def run(args) -> None:
     quiet_libraries()
     accelerator = make_accelerator(RunConfig())
     model = load_model(model_dir, accelerator.device)
-    check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
+    check_model_fits_shards(model.tasks, info.tasks, args.checkpoint, args.shards)
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, device=accelerator.device)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmaclip import metrics as M
+from cmaclip import metrics
 from cmaclip.errors import DataError
 from cmaclip.files import write_json_atomic
 
@@ -102,8 +102,8 @@ def precision_threshold(labels: np.ndarray, predictions: np.ndarray, confidences
     no threshold does (or there are no samples)."""
     if not len(labels):
         return None
-    thresholds, predicted, correct = M.precision_curve(labels, predictions, confidences)
-    reaches = np.flatnonzero(M.reaches_precision(correct, predicted, precision))
+    thresholds, predicted, correct = metrics.precision_curve(labels, predictions, confidences)
+    reaches = np.flatnonzero(metrics.reaches_precision(correct, predicted, precision))
     return float(thresholds[reaches[-1]]) if len(reaches) else None
 
 
@@ -176,7 +176,7 @@ class Calibration:
         accepted = probs[np.arange(len(predicted)), predicted] >= calibration.threshold_per_class(classes)[predicted]
         return probs, predicted, accepted
 
-    def check_tasks(self, model_tasks: dict[str, list[str]], path) -> None:
+    def check_fits_model(self, model_tasks: dict[str, list[str]], path) -> None:
         if list(self.tasks) != list(model_tasks):
             raise DataError(f"{path}: calibrated tasks {list(self.tasks)} differ from the model's "
                              f"{list(model_tasks)}; run `cmaclip calibrate` for this model again")
@@ -224,7 +224,7 @@ def auto_fill_report(labels: np.ndarray, predicted: np.ndarray, accepted: np.nda
         chosen = accepted[:, k] & labelled
         n, count = int(labelled.sum()), int(chosen.sum())
         report[task] = {"n": n, "accepted": count, "coverage": count / n if n else None,
-                        "precision": M.accuracy(labels[chosen, k], predicted[chosen, k]) if count else None}
+                        "precision": metrics.accuracy(labels[chosen, k], predicted[chosen, k]) if count else None}
     return report
 
 

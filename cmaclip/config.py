@@ -1,7 +1,7 @@
 """The typed run config: `model.*`, `data.*`, `optim.*`, `train.*`, `logging.*`, `pretrain.*` and `output_dir`.
 
 A run is described by defaults <- a YAML recipe (configs/*.yaml) <- `key.sub=value` overrides from
-the command line. Every key is a dataclass field with a docstring (`cmaclip train --help` lists
+the command line. Every key is a dataclass field with a docstring (`cmaclip train --keys` lists
 them); a value is converted to the field's type, and a key that names no field is an error that
 names the key and the file it came from, so a typo never silently trains with a default.
 """
@@ -24,6 +24,7 @@ from cmaclip.errors import CmaclipError
 from cmaclip.model.config import ContrastiveConfig, ModelConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+MIXED_PRECISIONS = ("auto", "bf16", "no")  # train.mixed_precision (and predict/explain --mixed-precision)
 
 
 class ConfigError(CmaclipError, ValueError):
@@ -133,8 +134,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (inductor, through Accelerate: after the DDP wrap, or the DeepSpeed
     engine's module in place). The first steps pay minutes of compilation (and recompile for new
-    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py: 0.96x tiny,
-    1.06x ViT-B/32), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
+    title lengths until the shape goes dynamic). On CPU no faster (bench/compile.py; README,
+    "Efficiency"), hence off by default; measure a GPU with bench/gpu_check.sh --compile."""
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps"):
@@ -143,8 +144,9 @@ class TrainConfig:
         for name in ("save_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0 (0 = only at the end), got {getattr(self, name)}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ConfigError(f"train.mixed_precision: {self.mixed_precision!r} is not one of auto, bf16, no")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ConfigError(f"train.mixed_precision: {self.mixed_precision!r} is not one of "
+                              f"{', '.join(MIXED_PRECISIONS)}")
 
 
 @dataclass
@@ -162,7 +164,7 @@ class LoggingConfig:
 
     progress_bar: bool = True
     """Show progress on rank 0: a tqdm bar (steps, loss, samples/s, ETA) in a terminal; written to
-    a file (Slurm's output, `> train.log`), one line every log_every steps instead."""
+    a file (Slurm's output, `> run.out`), one line every log_every steps instead."""
 
     def validate(self) -> None:
         if self.log_every < 1:
@@ -371,8 +373,8 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls=RunConfig, prefix: str = "") -> str:
-    """Every config key with its default and docstring: the text of `cmaclip train --help`."""
+def keys_reference(cls=RunConfig, prefix: str = "") -> str:
+    """Every config key with its default and docstring: the text of `cmaclip train --keys` (and docs/CONFIG.md)."""
     lines = []
     docs = field_docs(cls)
     defaults = cls()
@@ -381,7 +383,7 @@ def describe(cls=RunConfig, prefix: str = "") -> str:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
             lines.append(f"\n{key}.*: {docs.get(f.name, '')}")
-            lines.append(describe(hints[f.name], prefix=f"{key}."))
+            lines.append(keys_reference(hints[f.name], prefix=f"{key}."))
             continue
         default = getattr(defaults, f.name)
         lines.append(f"  {key} = {default!r}")

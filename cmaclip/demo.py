@@ -56,8 +56,8 @@ def build_shards(out: Path) -> Path:
     return shards
 
 
-def train(shards: Path, run: Path, processes: int, overrides: list[str], module: str = "cmaclip.train",
-          config: str = CONFIG) -> None:
+def launch_training(shards: Path, run: Path, processes: int, overrides: list[str], module: str = "cmaclip.train",
+                    config: str = CONFIG) -> None:
     if run.exists():
         print(f"removing the previous demo run {run}")
         shutil.rmtree(run)
@@ -76,10 +76,11 @@ def train(shards: Path, run: Path, processes: int, overrides: list[str], module:
     print(f"trained in {time.perf_counter() - started:.0f} s")
 
 
-def evaluate(shards: Path, run: Path, out: Path) -> None:
+def evaluate_on_val(shards: Path, run: Path, out: Path) -> None:
+    from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
-    from cmaclip.evaluate import evaluate_model, format_table, load_model
+    from cmaclip.evaluate import evaluate_model, format_table
     from cmaclip.files import write_json_atomic
 
     model = load_model(run)
@@ -99,8 +100,8 @@ def evaluate(shards: Path, run: Path, out: Path) -> None:
     print(f"wrote {out / 'metrics.json'} (per-class tables included)")
 
 
-def explain(run: Path, out: Path) -> None:
-    from cmaclip.evaluate import load_model
+def draw_attention_pictures(run: Path, out: Path) -> None:
+    from cmaclip.checkpoint import load_model
     from cmaclip.explain import explain_file
 
     model = load_model(run)
@@ -152,6 +153,7 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from cmaclip.checkpoint import MODEL_DIR
     from cmaclip.distributed import quiet_libraries
 
     quiet_libraries()
@@ -165,16 +167,16 @@ def main(argv=None) -> None:
     start = "random init"
     if args.pretrain:
         heading(2, f"contrastive image-title pretraining of the tiny CLIP backbone on {args.processes} CPU processes")
-        train(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
-              config=PRETRAIN_CONFIG)
-        overrides.insert(0, f"model.pretrained={out / 'pretrain' / 'model'}")
+        launch_training(shards, out / "pretrain", args.processes, args.overrides, module="cmaclip.pretrain",
+                        config=PRETRAIN_CONFIG)
+        overrides.insert(0, f"model.pretrained={out / 'pretrain' / MODEL_DIR}")
         start = "the pretrained backbone"
     heading(2, f"training the tiny CMA-CLIP from {start} on {args.processes} CPU processes")
-    train(shards, run, args.processes, overrides)
+    launch_training(shards, run, args.processes, overrides)
     heading(3, "evaluation on the validation split")
-    evaluate(shards, run, out)
+    evaluate_on_val(shards, run, out)
     heading(4, "attention pictures")
-    explain(run, out)
+    draw_attention_pictures(run, out)
     print(next_steps(Path(args.out), Path(args.out) / "run"))
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
 

@@ -1,7 +1,7 @@
 """Process-group set-up for every launcher: one process, `accelerate launch` (DDP or DeepSpeed),
 several nodes, with or without CUDA.
 
-What this file settles (see PLATFORM-NOTES.md for the failures behind each rule):
+What this file settles (the failure behind each rule is told where the rule is applied):
 - The device is what the launch asked for (use_cpu, or no visible GPU: CUDA_VISIBLE_DEVICES=), and
   it decides the rest: on the CPU the process group is gloo (a DeepSpeed launch needs it passed
   explicitly, or it runs every process as an unsharded rank 0) and `auto` precision is fp32.
@@ -92,8 +92,8 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
 
 def skip_deepspeed_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at every init until it is
-    cached (about 40 s, minutes on a busy machine). Only inference_all_reduce uses it, never
-    training, so it is marked unavailable; DeepSpeed then uses plain gloo collectives."""
+    cached (docs/MEASUREMENTS.md: how long). Only inference_all_reduce uses it, never training, so it
+    is marked unavailable; DeepSpeed then uses plain gloo collectives."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

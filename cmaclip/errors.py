@@ -69,7 +69,7 @@ def disk_error(path: str | Path, error: BaseException) -> DiskError:
     return DiskError(f"writing {path} failed: {reason} ({free_space(path)} free there)")
 
 
-def describe(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     """The one line for a known error."""
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
@@ -95,7 +95,7 @@ def report(prog: str, error: BaseException) -> int:
         # the launcher ends this rank with SIGTERM once another rank has failed: die quietly then
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(OTHER_RANK_GRACE_S)
-    line = prefix + describe(error)
+    line = prefix + error_line(error)
     print(line, file=sys.stderr, flush=True)
     tell_launcher(line)
     return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else getattr(error, "exit_code", EXIT_ERROR)
@@ -140,7 +140,7 @@ def command(prog: str):
                 if received_signal is not None and not is_known(error):
                     rank = os.environ.get("RANK", "0")
                     line = (f"{prog} (rank {rank}): stopped by {received_signal} before the next checkpoint "
-                            f"(another rank failed, or the job was cancelled); then: {describe(error)[:200]}")
+                            f"(another rank failed, or the job was cancelled); then: {error_line(error)[:200]}")
                     print(line, file=sys.stderr, flush=True)
                     tell_launcher(line)
                     sys.exit(EXIT_TERMINATED)

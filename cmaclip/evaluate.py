@@ -27,12 +27,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cmaclip import metrics as M
 from cmaclip.calibration import Calibration, auto_fill_report, format_report
-from cmaclip.data.format import EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, TEXT
-from cmaclip.data.loader import build_loader, model_inputs
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.config import LOADERS, DataConfig
+from cmaclip.data.format import (EOT_TOKEN_ID, IMAGE, MODALITIES, PAD_TOKEN_ID, SOT_TOKEN_ID, SPLITS, TEXT,
+                                 attention_mask_from_tokens, load_dataset_info)
+from cmaclip.data.loader import build_loader
 from cmaclip.errors import DataError, command
 from cmaclip.files import write_json_atomic
+from cmaclip.metrics import (DEFAULT_PRECISIONS, accuracy, class_table, confusion_matrix, mean_over_tasks,
+                             task_metrics)
+from cmaclip.pictures import confusion_image, draw_explanation, piece_at, relevant_tokens, title_pieces, unnormalize
 
 PERTURBATIONS = ("none", "no-text", "no-image", "drop-words")
 DROP_WORDS_FRACTION = 0.3
@@ -55,7 +60,7 @@ class EvalResult:
     auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
     def class_tables(self) -> dict[str, list[dict]]:
-        return {task: M.class_table(self.confusion[task], self.class_names[task]) for task in self.confusion}
+        return {task: class_table(self.confusion[task], self.class_names[task]) for task in self.confusion}
 
     def to_json(self) -> dict:
         """metrics.json: the INTERFACE.md keys plus the modality weights and per-class tables."""
@@ -130,8 +135,6 @@ def _words_dropped(batch: dict, seed: int, word_end: np.ndarray) -> dict:
         rng = np.random.default_rng([seed, index + 1])  # per sample: same words whatever the batching
         out[row] = drop_words(ids, lambda: rng.random() >= DROP_WORDS_FRACTION, word_end)
     input_ids = torch.from_numpy(out).to(batch["input_ids"].device)
-    from cmaclip.data.format import attention_mask_from_tokens
-
     attention_mask = torch.from_numpy(attention_mask_from_tokens(out)).to(batch["attention_mask"].device)
     return {**batch, "input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -218,10 +221,10 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
 
 
 def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", seed: int = 0,
-                   precisions=M.DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
+                   precisions=DEFAULT_PRECISIONS, pictures: int = 3, progress: bool = False,
                    calibration=None) -> EvalResult:
     """Evaluate on the loader's split. Call it on EVERY rank (collectives inside); the result is the
-    same everywhere. `pictures` > 0 adds that many attention pictures (explain.py) of products from
+    same everywhere. `pictures` > 0 adds that many attention pictures (pictures.py) of products from
     the first batches (one extra forward per rank, as ZeRO-3 needs). A `calibration`
     (calibration.Calibration) adds `auto_fill`: the accepted predictions' precision and coverage."""
     tasks = loader.dataset.task_names
@@ -240,14 +243,14 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
     for k, task in enumerate(tasks):
         classes = loader.dataset.tasks[task]
         labels, predicted = samples["labels"][:, k], samples["predicted"][:, k]
-        per_task[task] = M.task_metrics(labels, predicted, samples["confidence"][:, k], len(classes), precisions)
+        per_task[task] = task_metrics(labels, predicted, samples["confidence"][:, k], len(classes), precisions)
         labelled = labels >= 0
-        confusion[task] = M.confusion_matrix(labels[labelled], predicted[labelled], len(classes))
+        confusion[task] = confusion_matrix(labels[labelled], predicted[labelled], len(classes))
         mean_weights = samples["modality_weights"][:, k].mean(axis=0) if len(labels) else np.zeros(2)
         weights[task] = {name: float(mean_weights[m]) for m, name in enumerate(MODALITIES)}
     return EvalResult(
         unimodal=unimodal_accuracy(samples, tasks),
-        metrics={"tasks": per_task, "mean": M.mean_over_tasks(per_task)},
+        metrics={"tasks": per_task, "mean": mean_over_tasks(per_task)},
         confusion=confusion,
         class_names={task: list(loader.dataset.tasks[task]) for task in tasks},
         modality_weights=weights,
@@ -270,7 +273,7 @@ def unimodal_accuracy(samples: dict[str, np.ndarray], tasks: list[str]) -> dict:
         per_task = {}
         for k, task in enumerate(tasks):
             labelled = has & (samples["labels"][:, k] >= 0)
-            per_task[task] = (M.accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
+            per_task[task] = (accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
                               if labelled.any() else None)
         present = [value for value in per_task.values() if value is not None]
         result[name] = {"tasks": per_task, "mean": float(np.mean(present)) if present else None}
@@ -285,7 +288,6 @@ def attention_pictures(model, batch: dict, context_length: int, count: int,
     at every evaluation (an eval loader reads in a fixed order), so TensorBoard shows their
     attention evolving. Every rank runs one forward (ZeRO-3) and draws its candidates; all get the
     chosen pictures."""
-    from cmaclip import explain
     from cmaclip.data.tokenizer import load_tokenizer
 
     usable = batch["modality_mask"].all(dim=1) & (batch["index"] >= 0)
@@ -297,56 +299,19 @@ def attention_pictures(model, batch: dict, context_length: int, count: int,
         output = model(**inputs, return_attentions=True)
     drawn = []
     if output.attentions is not None and len(rows):  # concat, image, text: no sequence attention to draw
-        best, mass, maps = explain.relevant_tokens(output.attentions[-1],
-                                                   inputs["attention_mask"][:, :output.text_length])
+        best, mass, maps = relevant_tokens(output.attentions[-1], inputs["attention_mask"][:, :output.text_length])
         tokenizer = load_tokenizer(context_length)
-        images = explain.unnormalize(inputs["pixel_values"])
+        images = unnormalize(inputs["pixel_values"])
         for row, sample in enumerate(batch["index"][rows].tolist()):
-            pieces = explain.title_pieces(tokenizer, inputs["input_ids"][row].cpu().numpy())
-            marked = int(best[row]) - 1 if best[row] >= 0 else -1  # sequence position 1 = piece 0
-            picture = explain.draw_explanation(images[row], pieces, marked, maps[row].cpu().numpy(), float(mass[row]))
+            pieces = title_pieces(tokenizer, inputs["input_ids"][row].cpu().numpy())
+            picture = draw_explanation(images[row], pieces, piece_at(int(best[row])), maps[row].cpu().numpy(),
+                                       float(mass[row]))
             drawn.append((sample, np.asarray(picture)))
     chosen = sorted((item for part in all_gather(drawn) for item in part), key=lambda item: item[0])[:count]
     return [(f"sample_{sample}", picture) for sample, picture in chosen]
 
 
 # ---- reporting -------------------------------------------------------------------------------------
-
-def confusion_image(confusion: np.ndarray, class_names: list[str], cell: int = 14) -> np.ndarray:
-    """uint8 HWC picture of the row-normalized confusion matrix (rows: true, columns: predicted),
-    limited to the classes that occur, names on the left and on top."""
-    from PIL import Image, ImageDraw
-
-    from cmaclip.explain import load_font
-
-    seen = np.flatnonzero((confusion.sum(axis=1) > 0) | (confusion.sum(axis=0) > 0))
-    if len(seen) == 0:
-        seen = np.arange(min(1, len(class_names)))
-    matrix = confusion[np.ix_(seen, seen)].astype(np.float64)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    names = [class_names[c][:24] for c in seen]
-    font = load_font(11)
-    label_width = max(int(max(font.getlength(name) for name in names)) + 6, 110)  # room for the legend
-    size = len(seen) * cell
-    canvas = Image.new("RGB", (label_width + size + 2, label_width + size + 2), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(names):
-        draw.text((2, label_width + i * cell), name, fill="black", font=font)
-        for j in range(len(seen)):
-            rate = rates[i, j]  # white (0) to dark blue (1)
-            colour = (int(255 * (1 - rate)), int(255 * (1 - 0.75 * rate)), int(255 * (1 - 0.3 * rate)))
-            box = (label_width + j * cell, label_width + i * cell, label_width + (j + 1) * cell - 1,
-                   label_width + (i + 1) * cell - 1)
-            draw.rectangle(box, fill=colour, outline=(220, 220, 220))
-    top = Image.new("RGB", (label_width, size), "white")
-    top_draw = ImageDraw.Draw(top)
-    for j, name in enumerate(names):
-        top_draw.text((2, j * cell), name, fill="black", font=font)
-    canvas.paste(top.rotate(90, expand=True), (label_width, 0))
-    draw.text((2, 2), "rows: true class", fill="gray", font=font)
-    draw.text((2, 16), "columns: predicted", fill="gray", font=font)
-    return np.asarray(canvas)
-
 
 def log_evaluation(writer, result: EvalResult, step: int) -> None:
     """TensorBoard: eval/<task>/{accuracy,macro_f1,recall_at_pNN}, eval/mean/..., confusion matrices
@@ -355,8 +320,8 @@ def log_evaluation(writer, result: EvalResult, step: int) -> None:
     if writer is None:
         return
     suffix = "" if result.perturb == "none" else f"_{result.perturb}"
-    for task, task_metrics in result.metrics["tasks"].items():
-        for name, value in task_metrics.items():
+    for task, scores in result.metrics["tasks"].items():
+        for name, value in scores.items():
             if name != "n" and value is not None:
                 writer.add_scalar(f"eval{suffix}/{task}/{name}", value, step)
         writer.add_image(f"eval{suffix}/{task}/confusion",
@@ -392,32 +357,10 @@ def format_table(metrics: dict, modality_weights: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-# ---- loading a checkpoint --------------------------------------------------------------------------
+# ---- checks ----------------------------------------------------------------------------------------
 
-def resolve_model_dir(checkpoint: str | Path) -> Path:
-    """An exported model folder (config.json + model.safetensors), given it or its output_dir."""
-    path = Path(checkpoint)
-    for candidate in (path, path / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no exported model (config.json + model.safetensors) here or in "
-                            f"{path / 'model'}; pass a training output_dir or its model/ folder")
-
-
-def load_model(checkpoint: str | Path, device="cpu"):
-    from cmaclip.model import CMAClip
-
-    model_dir = resolve_model_dir(checkpoint)
-    model = CMAClip.from_pretrained(model_dir)
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if broken:  # its predictions would be NaN, which is not even valid JSON
-        raise DataError(f"{model_dir}: {len(broken)} weight tensors hold NaN/inf (first: {broken[0]}): "
-                        "the run that wrote it diverged; export an earlier checkpoint")
-    return model.to(device).eval()
-
-
-def check_tasks(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint, shards) -> None:
+def check_model_fits_shards(model_tasks: dict[str, list[str]], data_tasks: dict[str, list[str]], checkpoint,
+                            shards) -> None:
     if dict(model_tasks) != dict(data_tasks):
         raise DataError(f"the model in {checkpoint} was trained on tasks/classes that differ from {shards}'s "
                          f"dataset.json (model tasks {list(model_tasks)}, shards tasks {list(data_tasks)}): "
@@ -430,15 +373,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="cmaclip eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a training output_dir or its model/ folder")
     parser.add_argument("--shards", required=True, help="a folder written by `cmaclip shards`")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--split", default="val", choices=SPLITS)
     parser.add_argument("--out", required=True, help="metrics.json to write")
-    parser.add_argument("--precision", type=float, nargs="+", default=[0.9],
+    parser.add_argument("--precision", type=float, nargs="+", default=list(DEFAULT_PRECISIONS),
                         help="precision levels for recall_at_pNN (0.9 is always reported)")
     parser.add_argument("--perturb", default="none", choices=PERTURBATIONS,
                         help="robustness check: remove titles, remove images, or drop 30%% of title words")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drop-words perturbation")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "pil"), help="input pipeline (data.loader)")
+    parser.add_argument("--loader", default="auto", choices=LOADERS, help="input pipeline (data.loader)")
     parser.add_argument("--tensorboard", default=None,
                         help="TensorBoard folder for the scalars and confusion matrices (default: "
                              "<output_dir>/tensorboard/eval-<split> when --checkpoint is an output_dir)")
@@ -446,27 +389,28 @@ def parse_args(argv):
     bad = [p for p in args.precision if not 0 < p <= 1]
     if bad:
         parser.error(f"--precision must be in (0, 1], got {bad}")
-    args.precision = sorted(set([0.9] + args.precision), key=[0.9, *args.precision].index)
+    always = list(DEFAULT_PRECISIONS)
+    args.precision = sorted(set(always + args.precision), key=[*always, *args.precision].index)
     return args
 
 
 @command("cmaclip eval")
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from cmaclip.checkpoint import TENSORBOARD_DIR, load_model, resolve_model_dir
     from cmaclip.config import RunConfig
-    from cmaclip.data.config import DataConfig
-    from cmaclip.data.format import load_dataset_info
     from cmaclip.distributed import make_accelerator, quiet_libraries, shutdown
 
     quiet_libraries()
     # the run defaults: gloo without CUDA, bf16 autocast on a GPU that has it, the world-size check
     accelerator = make_accelerator(RunConfig())
     info = load_dataset_info(args.shards)
-    model = load_model(args.checkpoint, accelerator.device)
-    check_tasks(model.tasks, info.tasks, args.checkpoint, args.shards)
-    calibration = Calibration.load(resolve_model_dir(args.checkpoint))  # calibration.json, if fitted
+    model_dir = resolve_model_dir(args.checkpoint)
+    model = load_model(model_dir, accelerator.device)
+    check_model_fits_shards(model.tasks, info.tasks, args.checkpoint, args.shards)
+    calibration = Calibration.load(model_dir)  # calibration.json, if fitted
     if calibration is not None:
-        calibration.check_tasks(model.tasks, resolve_model_dir(args.checkpoint))
+        calibration.check_fits_model(model.tasks, model_dir)
     loader = build_loader(args.shards, args.split, config=DataConfig(loader=args.loader), batch_size=args.batch_size,
                           image_size=model.config.image_size, train=False, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, seed=args.seed, device=accelerator.device)
@@ -474,12 +418,12 @@ def main(argv=None) -> None:
                             precisions=tuple(args.precision), pictures=4,
                             progress=accelerator.is_main_process, calibration=calibration)
     if accelerator.is_main_process:
-        content = {**result.to_json(), "checkpoint": str(resolve_model_dir(args.checkpoint)),
+        content = {**result.to_json(), "checkpoint": str(model_dir),
                    "shards": str(args.shards), "split": args.split}
         write_json_atomic(Path(args.out), content)
         tensorboard_dir = args.tensorboard
-        if tensorboard_dir is None and resolve_model_dir(args.checkpoint) != Path(args.checkpoint):
-            tensorboard_dir = Path(args.checkpoint) / "tensorboard" / f"eval-{args.split}"
+        if tensorboard_dir is None and model_dir != Path(args.checkpoint):
+            tensorboard_dir = Path(args.checkpoint) / TENSORBOARD_DIR / f"eval-{args.split}"
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -1,6 +1,6 @@
 """Resuming safely: which checkpoint, and whether this run's config may continue it.
 
-- Every checkpoint records the config that wrote it (trainer_state.json "config"). A resumed run
+- Every checkpoint records the config that wrote it (RunState.config, in trainer_state.json). A resumed run
   compares it with its own key by key: a key that changes what the weights, the optimizer state
   or the data position mean (MUST_MATCH) is refused in one line naming the keys; any other change
   (learning rate, max_steps, workers, ...) is allowed and listed.
@@ -26,7 +26,6 @@ MUST_MATCH = (
     "model.head_hidden", "model.image_size", "model.context_length",
     "train.batch_size", "train.grad_accum_steps", "train.seed", "data.train_split",
 )
-CONFIG_FILE = "config.yaml"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -57,8 +56,8 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[Path, int]:
-    """Load `requested`, or (train.resume=auto) the newest checkpoint that loads. -> (path, step)."""
+def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[Path, checkpoint.RunState]:
+    """Load `requested`, or (train.resume=auto) the newest checkpoint that loads. -> (path, its state)."""
     if config.train.resume == "auto":
         candidates = checkpoint.list_checkpoints(config.output_dir)[::-1]
     else:
@@ -66,23 +65,23 @@ def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[
     skipped = []
     for path in candidates:
         try:
-            state = checkpoint.read_trainer_state(path)
+            saved = checkpoint.read_run_state(path)
         except (OSError, ValueError) as error:
             skipped.append(f"{path.name} ({first_line(error)})")
             continue
-        if "config" in state:
-            for change in compare(state["config"], config, path):
+        if saved.config is not None:
+            for change in compare(saved.config, config, path):
                 log(f"config changed since {path.name}: {change}")
         try:
-            step, error = checkpoint.load_checkpoint(accelerator, path, loader), None
+            state, error = checkpoint.load_checkpoint(accelerator, path, loader), None
         except CmaclipError:  # a config or data mismatch: an older checkpoint would not do either
             raise
         except Exception as failure:  # noqa: BLE001 -- a damaged file shows as any error of the library reading it
-            step, error = None, failure
+            state, error = None, failure
         if all_ranks_ok(accelerator, error is None):
             if skipped:
                 log(f"skipped checkpoint(s) that do not load: {'; '.join(skipped)}")
-            return path, step
+            return path, state
         skipped.append(f"{path.name} ({first_line(error) if error else 'failed on another rank'})")
         if config.train.resume != "auto":
             break
@@ -93,7 +92,7 @@ def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[
 def record_config(output_dir: Path, config: RunConfig) -> Path | None:
     """Keep this start's config (see the module docstring). -> the file written, or None."""
     text = to_yaml(config)
-    first = output_dir / CONFIG_FILE
+    first = output_dir / checkpoint.RUN_CONFIG_FILE
     numbered = sorted(output_dir.glob("config-*.yaml"), key=lambda p: int(p.stem.split("-")[1])
                       if p.stem.split("-")[1].isdigit() else 0)
     newest = numbered[-1] if numbered else first

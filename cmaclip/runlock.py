@@ -15,10 +15,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from cmaclip.checkpoint import LOCK_FILE
 from cmaclip.config import ConfigError
 from cmaclip.errors import CmaclipError
-
-LOCK_FILE = "LOCK"
 
 
 class RunLockError(CmaclipError):

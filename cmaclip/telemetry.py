@@ -21,7 +21,8 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from cmaclip.data.loader import build_loader, model_inputs
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.loader import build_loader
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s from the vendors' datasheets, matched against
 # torch.cuda.get_device_name() in this order (the first key the name contains wins).

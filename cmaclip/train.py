@@ -21,17 +21,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cmaclip import checkpoint, resume, runlock
-from cmaclip.config import ConfigError, OptimConfig, RunConfig, describe, load_config, to_dict, to_yaml
-from cmaclip.data.loader import backend_reason, build_loader, model_inputs
+from cmaclip import checkpoint, resume, runlock, runlog
+from cmaclip.config import ConfigError, OptimConfig, RunConfig, keys_reference, load_config, to_dict, to_yaml
+from cmaclip.data.batch import model_inputs
+from cmaclip.data.loader import backend_reason, build_loader
 from cmaclip.distributed import (StopRequest, adamw_implementation, die_with_launcher, fill_deepspeed_config,
                                  make_accelerator, quiet_libraries, shutdown, uses_deepspeed)
 from cmaclip.errors import command
 from cmaclip.guard import NonFiniteGuard
 from cmaclip.telemetry import Telemetry
 
-# Written into output_dir by a run that stopped on SIGUSR1/SIGTERM before max_steps (Slurm requeues on it).
-PREEMPTED_MARKER = "PREEMPTED"
 # Parameters of these modules never get weight decay (nor do biases, other 1-d parameters, and
 # learned vectors named *embedding: position, class and modality embeddings).
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
@@ -214,7 +213,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides what a preempted run logged after its last checkpoint
-            self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"),
+            self.writer = SummaryWriter(str(Path(config.output_dir) / checkpoint.TENSORBOARD_DIR),
                                         purge_step=start_step + 1 if start_step else None)
         if show_progress and not self.step_lines:
             from tqdm import tqdm
@@ -242,8 +241,10 @@ class Monitor:
             self.bar.update(1)
 
     def line(self, text: str) -> None:
+        """A notice: on the terminal, and in train.log."""
         if not self.enabled:
             return
+        runlog.log.info(text)
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -271,27 +272,69 @@ def build_loaders(config: RunConfig, accelerator, dataset, image_size: int):
     return train_loader, eval_loader
 
 
-def train(config: RunConfig, objective: Objective = FINE_TUNE) -> int:
-    """Run (or continue) the training `config` describes. Returns the step it stopped at."""
+def fit(config: RunConfig, objective: Objective = FINE_TUNE) -> int:
+    """Run (or continue) the training `config` describes, start to end: set up, train to
+    train.max_steps (or a stop signal), finish. Returns the step it stopped at."""
     quiet_libraries()
     die_with_launcher()
     accelerator = make_accelerator(config)
     finished = False
     try:
-        with runlock.held(config.output_dir, accelerator.is_main_process):
-            step = run(config, accelerator, objective)
+        with runlock.held(config.output_dir, accelerator.is_main_process), \
+                runlog.writing(config.output_dir, accelerator.is_main_process):
+            run = _setup(config, accelerator, objective)
+            if _train_steps(run):
+                _finish(run)
         finished = True
-        return step
+        return run.step
     finally:
         shutdown(accelerator, wait=finished)
 
 
-def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int:
+@dataclass
+class _Run:
+    """One run's live state between _setup and _finish (what it saves: checkpoint.RunState)."""
+
+    config: RunConfig
+    accelerator: object
+    objective: Objective
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: object
+    eval_loader: object | None
+    telemetry: Telemetry
+    monitor: Monitor
+    step: int
+    saved_step: int | None  # the step of the newest checkpoint this run has (saved or resumed from)
+    saved: Path | None
+
+    def evaluate(self) -> None:
+        # evaluation never shifts the training's random stream: a run with and without periodic
+        # evaluation trains identically
+        with torch.random.fork_rng(devices=[]):
+            result = self.objective.evaluate(self.model, self.eval_loader, self.accelerator)
+        self.objective.log_evaluation(self.monitor.writer, result, self.step)
+        self.monitor.line(f"step {self.step}: {result.summary()}")
+
+    def save(self) -> Path:
+        state = checkpoint.RunState(step=self.step, world_size=self.accelerator.num_processes,
+                                    config=to_dict(self.config), loader=self.train_loader.state_dict())
+        self.saved_step, self.saved = self.step, checkpoint.save_checkpoint(
+            self.accelerator, self.config.output_dir, state, self.config.train.keep_last)
+        return self.saved
+
+
+def _setup(config: RunConfig, accelerator, objective: Objective) -> _Run:
+    """Model, loaders, optimizer and schedule, prepared by Accelerate; the checkpoint resumed; the
+    run's opening lines."""
     from accelerate.utils import set_seed
 
     from cmaclip.data.format import load_dataset_info
 
     output_dir = Path(config.output_dir)
+    runlog.log.info(f"start: {accelerator.num_processes} process(es), output_dir {output_dir}, "
+                    f"train.resume={config.train.resume!r}, train.max_steps={config.train.max_steps}")
     resume_from = checkpoint.resolve_resume(config.train.resume, output_dir)
     set_seed(config.train.seed)  # the same initial weights on every rank
     dataset = load_dataset_info(config.data.shards)
@@ -301,6 +344,7 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     telemetry = Telemetry(model, config, accelerator)  # counts on the plain model: before prepare
     optimizer = build_optimizer(model, config.optim, **adamw_implementation(accelerator))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
+    runlog.log.info(optimizer_groups_line(optimizer))
     if uses_deepspeed(accelerator):
         clip = model.backbone.clip_config
         fill_deepspeed_config(accelerator, config,
@@ -309,10 +353,11 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
 
     step, notes = 0, []
     if resume_from is not None:
-        resume_from, step = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
+        resume_from, resumed = resume.load(accelerator, config, resume_from, train_loader, log=notes.append)
+        step = resumed.step
     if accelerator.is_main_process:
         resume.record_config(output_dir, config)
-        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (output_dir / checkpoint.PREEMPTED_MARKER).unlink(missing_ok=True)
     monitor = Monitor(config, accelerator, step)
     for note in notes:
         monitor.line(note)
@@ -323,73 +368,84 @@ def run(config: RunConfig, accelerator, objective: Objective = FINE_TUNE) -> int
     monitor.line(f"loader: {train_loader.backend} ({backend_reason(config.data.loader)})")
     monitor.line(telemetry.opening_line())
     telemetry.log_start(monitor.writer, step)
+    return _Run(config=config, accelerator=accelerator, objective=objective, model=model, optimizer=optimizer,
+                scheduler=scheduler, train_loader=train_loader, eval_loader=eval_loader, telemetry=telemetry,
+                monitor=monitor, step=step, saved_step=step if resume_from is not None else None,
+                saved=resume_from)
 
-    def evaluate() -> None:
-        # evaluation never shifts the training's random stream: a run with and without periodic
-        # evaluation trains identically
-        with torch.random.fork_rng(devices=[]):
-            result = objective.evaluate(model, eval_loader, accelerator)
-        objective.log_evaluation(monitor.writer, result, step)
-        monitor.line(f"step {step}: {result.summary()}")
 
-    def save(at_step: int) -> Path:
-        return checkpoint.save_checkpoint(accelerator, output_dir, at_step, train_loader, config.train.keep_last,
-                                          extra_state={"config": to_dict(config)})
+def optimizer_groups_line(optimizer) -> str:
+    """The parameter count, peak learning rate and weight decay of each AdamW group, for train.log."""
+    groups = [f"{group['name']} {sum(p.numel() for p in group['params']):,} "
+              f"(lr {group['initial_lr']:.2e}, weight decay {group['weight_decay']})"
+              for group in optimizer.param_groups]
+    return "parameters per optimizer group: " + ", ".join(groups)
 
+
+def _train_steps(run: _Run) -> bool:
+    """Train up to train.max_steps, evaluating and saving on the way. -> False when a stop signal
+    ended it first (a checkpoint of the step it stopped at is saved), True otherwise."""
+    config, accelerator, monitor = run.config, run.accelerator, run.monitor
     samples_per_step = config.train.batch_size * config.train.grad_accum_steps * accelerator.num_processes
     stop = StopRequest()
     guard = NonFiniteGuard(config.train.max_nonfinite_steps)
-    stats = StepStats(objective.stat_names(accelerator.unwrap_model(model)))
-    batches = endless(train_loader)
-    saved_step, saved = (step, resume_from) if resume_from is not None else (None, None)
+    stats = StepStats(run.objective.stat_names(accelerator.unwrap_model(run.model)))
+    batches = endless(run.train_loader)
     samples_per_second = None
-    model.train()
-    while step < config.train.max_steps:
-        started = time.perf_counter()
-        loss, task_losses, data_wait = train_step(model, optimizer, scheduler, batches, accelerator, config, guard,
-                                                  objective)
-        step += 1
+    run.model.train()
+    while run.step < config.train.max_steps:
+        started, skipped = time.perf_counter(), guard.skipped
+        loss, task_losses, data_wait = train_step(run.model, run.optimizer, run.scheduler, batches, accelerator,
+                                                  config, guard, run.objective)
+        run.step += 1
+        step = run.step
+        if guard.skipped > skipped:
+            runlog.log.warning(f"step {step}: non-finite loss or gradient norm, update skipped "
+                               f"({guard.in_a_row} in a row, {guard.skipped} in this run)")
         stats.add(loss, task_losses, data_wait, time.perf_counter() - started)
         if step % config.logging.log_every == 0 or step == config.train.max_steps:
             values = stats.reduce(accelerator)
             elapsed = time.perf_counter() - stats.started
             samples_per_second = samples_per_step * stats.steps / elapsed
-            learning_rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
+            learning_rates = {group["part"]: group["lr"] for group in run.optimizer.param_groups}
             values.update(lr=learning_rates["new"], lr_backbone=learning_rates["backbone"],
                           samples_per_second=samples_per_second, nonfinite_steps=guard.skipped)
-            values.update(telemetry.window(values, elapsed))
-            monitor.log_step(values, step, telemetry.step_text(values))
+            values.update(run.telemetry.window(values, elapsed))
+            monitor.log_step(values, step, run.telemetry.step_text(values))
             stats.reset()
         monitor.progress(loss, samples_per_second)
         last_step = step == config.train.max_steps
-        if eval_loader is not None and config.train.eval_every and step % config.train.eval_every == 0 \
+        if run.eval_loader is not None and config.train.eval_every and step % config.train.eval_every == 0 \
                 and not last_step:
-            evaluate()
+            run.evaluate()
             stats.reset()
         if config.train.save_every and step % config.train.save_every == 0 and not last_step:
-            saved_step, saved = step, save(step)
+            run.save()
             stats.reset()
         # agreeing is an all-reduce and a host sync: at logging steps only (Slurm warns 120 s early)
         if not last_step and step % config.logging.log_every == 0 and stop.agreed(accelerator):
-            if saved_step != step:
-                save(step)
+            if run.saved_step != step:
+                run.save()
             if accelerator.is_main_process:
-                (output_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+                (Path(config.output_dir) / checkpoint.PREEMPTED_MARKER).write_text(f"{step}\n")
             monitor.line(f"stopped on SIGUSR1/SIGTERM at step {step}; checkpoint saved, resume with train.resume=auto")
             monitor.close()
-            return step
+            return False
+    return True
 
-    if eval_loader is not None:
-        evaluate()
-    if saved_step != step:
-        saved = save(step)
-    if config.train.export:
-        exported = checkpoint.export_model(accelerator, model, saved, output_dir)
-        monitor.line(f"exported the model to {exported}")
-    monitor.line(telemetry.closing_line())
-    telemetry.log_end(monitor.writer, step)
-    monitor.close()
-    return step
+
+def _finish(run: _Run) -> None:
+    """The final evaluation, checkpoint and model export; the closing line."""
+    if run.eval_loader is not None:
+        run.evaluate()
+    if run.saved_step != run.step:
+        run.save()
+    if run.config.train.export:
+        exported = checkpoint.export_model(run.accelerator, run.model, run.saved, run.config.output_dir)
+        run.monitor.line(f"exported the model to {exported}")
+    run.monitor.line(run.telemetry.closing_line())
+    run.telemetry.log_end(run.monitor.writer, run.step)
+    run.monitor.close()
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -421,7 +477,7 @@ def command_line(argv, prog: str, description: str, objective: Objective) -> Non
     """The shared command line of `cmaclip train` and `cmaclip pretrain`."""
     args = parse_args(argv, prog, description)
     if args.keys:
-        print(describe())
+        print(keys_reference())
         return
     try:
         config = load_config(args.config, args.overrides)
@@ -433,7 +489,7 @@ def command_line(argv, prog: str, description: str, objective: Objective) -> Non
     if args.print_config:
         print(to_yaml(config), end="")
         return
-    train(config, objective)
+    fit(config, objective)
 
 
 if __name__ == "__main__":

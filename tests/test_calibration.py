@@ -107,7 +107,7 @@ def test_saved_next_to_the_model_and_loaded_back(tmp_path):
         np.testing.assert_array_equal(got, expected)
     assert C.Calibration.load(tmp_path / "elsewhere") is None
     with pytest.raises(ValueError, match="differ from the model's"):
-        loaded.check_tasks({"kind": CLASSES}, path)
+        loaded.check_fits_model({"kind": CLASSES}, path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a calibration file"):
         C.Calibration.load(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmaclip.config import (ConfigError, RunConfig, describe, field_docs, load_config, resolve_config_path,
+from cmaclip.config import (ConfigError, RunConfig, field_docs, keys_reference, load_config, resolve_config_path,
                             to_yaml)
 from cmaclip.train import main as train_main
 
@@ -102,6 +102,6 @@ def test_every_key_is_documented():
         docs = field_docs(section)
         missing = [f.name for f in dataclasses.fields(section) if not docs.get(f.name)]
         assert not missing, f"{section.__name__}: fields without a docstring: {missing}"
-    text = describe()
+    text = keys_reference()
     for key in ("model.preset", "data.shards", "optim.backbone_lr", "train.resume", "logging.log_every", "output_dir"):
         assert f"  {key} = " in text

@@ -1,7 +1,7 @@
 """The documentation that is generated from code stays in step with it."""
 from pathlib import Path
 
-from cmaclip.config import describe
+from cmaclip.config import keys_reference
 
 CONFIG_DOC = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 HEADER = """# Configuration keys
@@ -16,7 +16,7 @@ generated from the dataclasses in `cmaclip/config.py`, `cmaclip/model/config.py`
 
 
 def config_doc() -> str:
-    return HEADER + describe().strip("\n") + "\n```\n"
+    return HEADER + keys_reference().strip("\n") + "\n```\n"
 
 
 def test_config_reference_matches_the_dataclasses():

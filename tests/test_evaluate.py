@@ -207,16 +207,6 @@ def test_table_lists_tasks_and_mean():
     assert lines[-1].startswith("| **mean** |  | 0.800 |")
 
 
-def test_checkpoint_folder_resolution(tmp_path):
-    (tmp_path / "model").mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (tmp_path / "model" / name).write_text("{}")
-    assert evaluate.resolve_model_dir(tmp_path) == tmp_path / "model"
-    assert evaluate.resolve_model_dir(tmp_path / "model") == tmp_path / "model"
-    with pytest.raises(FileNotFoundError, match="no exported model"):
-        evaluate.resolve_model_dir(tmp_path / "nothing")
-
-
 def evaluate_on_rank(rank: int, port: int, out_dir: str):
     import torch.distributed as dist
 

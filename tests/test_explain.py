@@ -1,10 +1,10 @@
-"""Attention pictures: the token choice, the map, the PNG."""
+"""Attention pictures (pictures.py) and `cmaclip explain`: the token choice, the map, the PNG."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cmaclip import explain
+from cmaclip import explain, pictures
 
 TEXT_LEN, GRID = 6, 2
 SEQ = TEXT_LEN + 1 + GRID * GRID
@@ -34,7 +34,7 @@ def test_most_relevant_token_ignores_sot_eot_and_padding():
         3: [0.2, 0.2, 0.2, 0.2],   # EOT
         5: [0.4, 0.4, 0.0, 0.0],   # padding
     })
-    best, mass, maps = explain.relevant_tokens(attention, mask)
+    best, mass, maps = pictures.relevant_tokens(attention, mask)
     assert best.tolist() == [2]
     assert mass.item() == pytest.approx(0.4 * 0.75)
     assert maps.shape == (1, GRID, GRID)
@@ -44,21 +44,21 @@ def test_most_relevant_token_ignores_sot_eot_and_padding():
 
 def test_empty_title_has_no_token_and_a_uniform_map():
     mask = torch.tensor([[1, 1, 0, 0, 0, 0]])
-    best, mass, maps = explain.relevant_tokens(attention_with({}), mask)
+    best, mass, maps = pictures.relevant_tokens(attention_with({}), mask)
     assert best.tolist() == [-1] and mass.tolist() == [0.0]
     assert maps[0].flatten().tolist() == pytest.approx([0.25] * 4)
 
 
 def test_sequence_that_is_not_a_patch_grid_is_rejected():
     with pytest.raises(ValueError, match="not a square patch grid"):
-        explain.relevant_tokens(torch.zeros(1, 1, TEXT_LEN + 1 + 3, TEXT_LEN + 1 + 3), torch.ones(1, TEXT_LEN))
+        pictures.relevant_tokens(torch.zeros(1, 1, TEXT_LEN + 1 + 3, TEXT_LEN + 1 + 3), torch.ones(1, TEXT_LEN))
 
 
 def test_picture_keeps_the_photo_aspect_and_prints_the_title_under_it(tmp_path):
     photo = Image.new("RGB", (300, 200), (0, 160, 0))
     patch_map = np.array([[1.0, 0.0], [0.0, 0.0]])
     pieces = [("turtle", True), ("check", True), ("shirt", True)]
-    picture = explain.draw_explanation(photo, pieces, marked=2, patch_map=patch_map, mass=0.5, display_width=450)
+    picture = pictures.draw_explanation(photo, pieces, marked=2, patch_map=patch_map, mass=0.5, display_width=450)
     path = tmp_path / "p.png"
     picture.save(path)
     reread = Image.open(path)
@@ -78,9 +78,9 @@ def test_picture_keeps_the_photo_aspect_and_prints_the_title_under_it(tmp_path):
 
 
 def test_layout_wraps_long_titles():
-    font = explain.load_font()
+    font = pictures.load_font()
     pieces = [("word", True)] * 60
-    lines = explain.layout_pieces(pieces, font, width=200)
+    lines = pictures.layout_pieces(pieces, font, width=200)
     assert len(lines) > 3
     assert sum(len(line) for line in lines) == 60
     assert all(x + font.getlength(text) <= 200 for line in lines for _, text, x in line)
@@ -128,7 +128,7 @@ def test_explain_command_draws_pictures_with_maps_that_sum_to_one(tiny_model_dir
     assert index[1]["token"] is None  # no title: nothing to mark
 
     wide_png, tall_png = Image.open(out / "wide_1.png"), Image.open(out / "tall.png")
-    assert wide_png.width == tall_png.width == explain.DISPLAY_WIDTH
+    assert wide_png.width == tall_png.width == pictures.DISPLAY_WIDTH
     # The photo keeps its aspect: 448 x 299 for 300 x 200, 448 x 717 for 100 x 160, then the text.
     for png, photo_height in ((wide_png, round(448 * 200 / 300)), (tall_png, round(448 * 160 / 100))):
         pixels = np.asarray(png.convert("RGB")).astype(int)
@@ -158,7 +158,7 @@ def test_the_marked_word_is_the_title_word_whose_attention_is_scripted_onto_the_
 
     from cmaclip.data.tokenizer import load_tokenizer
     from cmaclip.model.cmaclip import CMAClipOutput
-    from cmaclip.predict import Product
+    from cmaclip.products import Product
 
     tokenizer = load_tokenizer(77)
     words = ["turtle", "check", "navy", "shirt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,10 @@ def test_a_diverging_run_skips_non_finite_steps_then_stops_with_one_line(fashion
                      "optim.lr=1e4", "optim.backbone_lr=1e4", "train.max_nonfinite_steps=2")
     line = one_error_line(capsys)
     assert code == 1 and line.startswith("cmaclip train: 2 optimizer steps in a row had a non-finite loss"), line
+    log = (output_dir / "train.log").read_text().splitlines()
+    assert any("WARNING step " in entry and "non-finite loss or gradient norm, update skipped (1 in a row" in entry
+               for entry in log), log
+    assert " ERROR stopped: 2 optimizer steps in a row had a non-finite loss" in log[-1], log
     assert not (output_dir / "model").exists()
     saved = checkpoint.list_checkpoints(output_dir)
     assert saved
@@ -119,6 +124,29 @@ def test_resume_logs_allowed_changes_and_keeps_the_first_config(finished_run, fa
     assert "config changed since step-000000004: optim.lr: 0.001 -> 0.0005" in out
     assert (output_dir / "config.yaml").read_text() == first
     assert "lr: 0.0005" in (output_dir / "config-2.yaml").read_text()
+
+
+def test_train_log_keeps_every_start_resume_evaluation_and_the_end(finished_run, fashion_shards, tmp_path, capsys,
+                                                                     monkeypatch):
+    """output_dir/train.log (rank 0, appended by every start): what the terminal showed besides the
+    progress, plus the parameters per optimizer group."""
+    output_dir = copy_of(finished_run, tmp_path)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)  # progress as step lines on stdout
+    assert run_train(fashion_shards, output_dir, "train.max_steps=5", "data.eval_split=val",
+                     "logging.progress_bar=true") == 0
+    out = capsys.readouterr().out
+    log = (output_dir / "train.log").read_text()
+    starts = [line for line in log.splitlines() if " INFO start: 1 process(es), output_dir " in line]
+    assert len(starts) == 2 and "train.max_steps=5" in starts[1], log
+    groups = re.findall(r"parameters per optimizer group: (.*)", log)
+    assert len(groups) == 2 and re.findall(r"(\w+) [\d,]+ \(lr", groups[0]) == [
+        "backbone_no_decay", "backbone", "new_no_decay", "new"], groups
+    assert log.count("trainable + 0 frozen parameters (text encoder") == 2
+    assert f"resumed from {output_dir / 'checkpoints' / 'step-000000004'} at step 4" in log
+    assert "config changed since step-000000004: data.eval_split: 'none' -> 'val'" in log
+    summary = next(line for line in out.splitlines() if line.startswith("step 5: eval ("))
+    assert log.count("efficiency: ") == 2 and summary in log
+    assert "step 5/5: loss" in out and "step 5/5" not in log  # the progress stays on the terminal
 
 
 def test_auto_resume_falls_back_to_the_newest_checkpoint_that_loads(finished_run, fashion_shards, tmp_path, capsys):

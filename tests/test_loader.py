@@ -1,4 +1,4 @@
-"""The input pipelines (cmaclip/data/loader.py, dali.py, pil.py) against the batch contract.
+"""The input pipelines (cmaclip/data/loader.py, dali.py, pil.py) against the batch contract (data/batch.py).
 
 Ranks are simulated in one process: loaders built with rank=0/1, world_size=2 over shards written
 by `write_shards` from the repository's sample photos (some cropped to non-square shapes, one
@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cmaclip.data.batch import HOST_FACTS, rank_share
 from cmaclip.data.config import DataConfig
 from cmaclip.data.format import attention_mask_from_tokens, decode_int32, load_dataset_info
-from cmaclip.data.loader import HOST_FACTS, attention_mask, build_loader, rank_share, resolve_backend
+from cmaclip.data.loader import build_loader, resolve_backend
 from cmaclip.data import pil
 from cmaclip.data.pil import preprocess_image
 from cmaclip.data.shards import write_shards
@@ -145,10 +146,9 @@ def test_text_only_product_is_marked(shards, backend):
                for n, mask in modalities.items())
 
 
-def test_attention_mask_matches_the_format_helper():
+def test_attention_mask_runs_to_the_first_eot_or_the_whole_row():
     tokens = np.array([[49406, 5, 6, 49407, 0, 0], [49406, 49407, 0, 0, 0, 0], [49406, 1, 2, 3, 4, 5]])
-    assert torch.equal(attention_mask(torch.from_numpy(tokens)),
-                       torch.from_numpy(attention_mask_from_tokens(tokens)))
+    assert attention_mask_from_tokens(tokens).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1] * 6]
 
 
 @pytest.mark.skipif(resolve_backend("auto") != "dali", reason="nvidia.dali is not installed")

@@ -97,7 +97,7 @@ def test_failed_run_leaves_the_previous_output(model_dir, tmp_path, capsys):
 
 
 def test_a_crash_mid_file_removes_the_temporary(model_dir, catalogue, tmp_path):
-    from cmaclip.evaluate import load_model
+    from cmaclip.checkpoint import load_model
 
     model = load_model(model_dir)
     out = tmp_path / "out" / "preds.jsonl"

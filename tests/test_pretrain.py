@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from cmaclip.model.config import ContrastiveConfig, ModelConfig
 from cmaclip.model.contrastive import ContrastiveCLIP, clip_loss, siglip_loss
 from cmaclip.pretrain import recall_at
-from test_train_distributed import REPO, environment, free_port, launch, losses
+from test_train_distributed import environment, free_port, launch, losses
 
 PRETRAIN = dict(module="cmaclip.pretrain", recipe="configs/cpu-pretrain.yaml")
 GLOBAL_BATCH = 8

@@ -2,8 +2,6 @@
 short training run that reports them in its log lines and TensorBoard."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,14 +97,14 @@ def test_window_values_and_the_closing_line_leave_out_the_warm_up():
 def test_a_training_run_reports_its_efficiency(fashion_shards, tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cmaclip.train import train
+    from cmaclip.train import fit
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)  # step lines, as in a log file
     config = RunConfig()
     config.data.shards, config.data.workers, config.data.eval_split = str(fashion_shards), 0, "none"
     config.train.max_steps, config.train.batch_size, config.train.export = 4, 8, False
     config.logging.log_every, config.output_dir = 2, str(tmp_path / "run")
-    train(config)
+    fit(config)
     out = capsys.readouterr().out
     assert "trainable + 0 frozen parameters (text encoder" in out
     assert "GFLOP per training sample" in out and "no MFU: no bf16 peak known for CPU" in out

@@ -1,17 +1,14 @@
-"""Single-process pieces of training: the optimizer groups, the schedule, checkpoint bookkeeping
-(atomic save, keep-last-K, resume=auto), the world-size check, the stop request, progress output."""
+"""Single-process pieces of training: the optimizer groups, the schedule, the world-size check, the
+stop request, progress output (checkpoint bookkeeping: test_checkpoint.py)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cmaclip import checkpoint
 from cmaclip.config import ConfigError, OptimConfig, RunConfig
 from cmaclip.distributed import StopRequest, check_world_size
 from cmaclip.model import CMAClip, ModelConfig
@@ -64,76 +61,6 @@ def test_frozen_backbone_has_lr_zero_then_its_own_warmup(tiny_model):
         scheduler.step()
     assert [lrs["backbone"] for lrs in seen] == pytest.approx([0, 0, 0, 0.5e-4, 1e-4, lr_factor(5, 3, 2, 10, 0) * 1e-4])
     assert [lrs["new"] for lrs in seen][:3] == pytest.approx([0.5e-3, 1e-3, lr_factor(2, 0, 2, 10, 0) * 1e-3])
-
-
-class FakeAccelerator:
-    """One process: the calls checkpoint.py makes, with save_state writing a small file."""
-
-    def __init__(self, fail_in_save: bool = False):
-        self.is_main_process, self.process_index, self.num_processes = True, 0, 1
-        self.fail_in_save = fail_in_save
-        self.state = SimpleNamespace(deepspeed_plugin=None)
-
-    def wait_for_everyone(self):
-        pass
-
-    def save_state(self, directory):
-        (Path(directory) / "model.safetensors").write_bytes(b"weights")
-        if self.fail_in_save:
-            raise KeyboardInterrupt("killed during the save")
-
-    def load_state(self, directory):
-        self.loaded = directory
-
-
-class FakeLoader:
-    def __init__(self, position=0):
-        self.position = position
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-
-def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
-    saved = checkpoint.save_checkpoint(FakeAccelerator(), tmp_path, 10, FakeLoader(3), keep_last=2)
-    assert saved == tmp_path / "checkpoints" / "step-000000010"
-    assert json.loads((saved / "trainer_state.json").read_text()) == {"step": 10, "world_size": 1}
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(FakeAccelerator(fail_in_save=True), tmp_path, 20, FakeLoader(5), keep_last=2)
-    assert (tmp_path / "checkpoints" / ".tmp-step-000000020").is_dir()  # the half-written one
-    assert checkpoint.resolve_resume("auto", tmp_path) == saved
-
-    loader, accelerator = FakeLoader(), FakeAccelerator()
-    assert checkpoint.load_checkpoint(accelerator, saved, loader) == 10
-    assert loader.position == 3 and accelerator.loaded == str(saved)
-
-    # the next save clears the leftover staging folder
-    checkpoint.save_checkpoint(FakeAccelerator(), tmp_path, 20, FakeLoader(5), keep_last=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000010", "step-000000020"]
-
-
-def test_only_the_last_k_checkpoints_are_kept_and_resave_replaces(tmp_path):
-    for step in (1, 2, 3, 4):
-        checkpoint.save_checkpoint(FakeAccelerator(), tmp_path, step, FakeLoader(step), keep_last=2)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000003", "step-000000004"]
-    checkpoint.save_checkpoint(FakeAccelerator(), tmp_path, 4, FakeLoader(99), keep_last=2)
-    latest = checkpoint.latest_checkpoint(tmp_path)
-    assert torch.load(latest / "loader-rank00000.pt", weights_only=False) == {"position": 99}
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000000003", "step-000000004"]
-
-
-def test_resume_settings(tmp_path):
-    assert checkpoint.resolve_resume("auto", tmp_path) is None
-    assert checkpoint.resolve_resume("", tmp_path) is None
-    with pytest.raises(ConfigError, match="not a checkpoint folder"):
-        checkpoint.resolve_resume(str(tmp_path), tmp_path)
-    saved = checkpoint.save_checkpoint(FakeAccelerator(), tmp_path, 5, FakeLoader(), keep_last=1)
-    assert checkpoint.resolve_resume(str(saved), tmp_path) == saved
-    with pytest.raises(ConfigError, match="train.resume=auto"):
-        checkpoint.resolve_resume("", tmp_path)
 
 
 def test_a_launcher_that_started_fewer_processes_is_an_error(monkeypatch):

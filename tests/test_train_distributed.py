@@ -9,6 +9,7 @@ steps, through the command lines users run (`accelerate launch ... -m cmaclip.tr
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -100,7 +101,10 @@ def test_ddp_on_two_processes_lowers_the_loss(ddp_run, fashion_shards):
     for tag in [*(f"eval/{task}/accuracy" for task in tasks), *(f"modality_weight/{task}/image" for task in tasks)]:
         assert set(losses(ddp_run, tag)) == {4, 8}, tag
     assert {p.name for p in (ddp_run / "checkpoints").iterdir()} == {"step-000000004", "step-000000008"}
-    assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.pt").is_file()
+    assert (ddp_run / "checkpoints" / "step-000000008" / "loader-rank00001.json").is_file()
+    log = (ddp_run / "train.log").read_text()  # rank 0's alone: once each, not once per rank
+    assert log.count(" INFO start: 2 process(es)") == 1 and log.count("training on 2 process(es)") == 1, log
+    assert log.count("step 8: eval (") == 1 and log.count("efficiency: ") == 1, log
 
 
 # One update whose size is the raw gradient: Adam's first step is lr * g / (|g| + eps), so with eps
@@ -337,7 +341,7 @@ def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: di
     consumed, unmerged, so a sample read twice would show twice). The loss curve goes on like the
     uninterrupted 2-rank run's: each of steps 5-8 within 25% of it (the batches differ, and steps
     5-6 average 8 samples instead of 16), and their mean within 10%."""
-    from cmaclip.data.loader import batches_per_epoch, decode
+    from cmaclip.data.batch import batches_per_epoch, decode
 
     samples = load_dataset_info(shards).num_samples("train")
     consumed_before_resume = 4 * 2 * 8
@@ -346,7 +350,7 @@ def assert_elastic_epoch_and_curve(shards: Path, output_dir: Path, reference: di
     left = samples - consumed_before_resume - 2 * 8
     epoch_end = 6 + batches_per_epoch(left, 2, 8)
     checkpoint = output_dir / "checkpoints" / f"step-{epoch_end:09d}"
-    states = [torch.load(checkpoint / f"loader-rank{rank:05d}.pt", weights_only=False) for rank in range(2)]
+    states = [json.loads((checkpoint / f"loader-rank{rank:05d}.json").read_text()) for rank in range(2)]
     assert all(state["epoch"] == 0 for state in states)
     seen = sorted(int(i) for state in states for i in decode(state["consumed"]))
     assert seen == list(range(samples))

@@ -4,12 +4,12 @@ On a CUDA device the images are decoded with `device="mixed"` (nvJPEG) and land 
 token ids, labels, indices and modalities stay on the host (the loader reads them there without a
 device sync); otherwise DALI runs its CPU operators with `device_id=None`. One exception on CPU: the
 training crops leave DALI as decoded, uint8 and of any size, and `finish_crops` resizes, flips and
-normalizes them with torch, because DALI's CPU resampling costs about four times torch's uint8
-kernel (bench/data.py; 65% of DALI's CPU time per image before). The crop windows and flips are
-still drawn by DALI, so they stay in its checkpoint. The reader splits the
-split into `num_shards` parts and pads them (`pad_last_batch`), which is the batching rule
-loader.py describes; its shuffle buffer draws anew every epoch. The pipeline is checkpointed
-(`enable_checkpointing`), so its reader position and RNG states go into `state_dict()`.
+normalizes them with torch, because DALI's CPU resampling costs several times torch's uint8
+kernel (bench/data.py; docs/MEASUREMENTS.md). The crop windows and flips are still drawn by DALI,
+so they stay in its checkpoint. The reader splits the split into `num_shards` parts and pads them
+(`pad_last_batch`), which is the batching rule batch.py describes; its shuffle buffer draws anew
+every epoch. The pipeline is checkpointed (`enable_checkpointing`), so its reader position and RNG
+states go into `state_dict()`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
 from cmaclip.errors import DataError
 
-from .loader import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, normalize
+from .batch import CLIP_MEAN, CLIP_STD, READ_COMPONENTS, BatchLoader, normalize
 
 READER_NAME = "Reader"
 OUTPUTS = ("input_ids", "labels", "index", "modality_mask")  # after the images (and flips)
@@ -81,7 +81,7 @@ def finish_crops(crops, mirror, images: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def one_torch_thread():
     """Ops on one image are too small to share out: on more threads they mostly make the idle
-    OpenMP workers spin (the loader took 1.6x the CPU time with torch's 2 threads here)."""
+    OpenMP workers spin (docs/MEASUREMENTS.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -92,8 +92,8 @@ def one_torch_thread():
 
 class BatchBuffers:
     """Float batches handed out again once nobody holds them. A fresh [64, 3, 224, 224] batch
-    (38 MB) costs 17 ms of page faults, as much as resizing its 64 images: glibc maps every
-    allocation over 32 MB anew. A buffer is reused only when no tensor or view of it is left:
+    (38 MB) costs page faults on every use (docs/MEASUREMENTS.md): glibc maps every allocation
+    over 32 MB anew. A buffer is reused only when no tensor or view of it is left:
     torch.from_numpy keeps its array alive, so a held buffer's array has one more reference."""
 
     def __init__(self, keep: int = 4):
@@ -132,9 +132,9 @@ class DaliLoader(BatchLoader):
         self._buffers = BatchBuffers()
         self.pipeline = None
         self._restore_from = None  # a checkpoint to build the next pipeline from
-        self._maker = None  # reads an elastic resume's rest of an epoch (loader.py)
+        self._maker = None  # reads an elastic resume's rest of an epoch (batch.py)
         # The loader epoch a fresh pipeline starts in (an elastic resume starts one mid-run): the
-        # reader begins with shard (rank + epoch) % world_size and turns from there, as loader.py says
+        # reader begins with shard (rank + epoch) % world_size and turns from there, as batch.py says
         self._first_epoch = 0
 
     def _build_pipeline(self):

@@ -18,6 +18,7 @@ every position up to and including the first EOT.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +45,15 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:09d}"
 
 
+SHARD_NUMBER_DIGITS = 6
+
+
 def shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:06d}.tar"
+    return f"{split}-{number:0{SHARD_NUMBER_DIGITS}d}.tar"
+
+
+# Any name shard_name() gives, and its DALI index: the files a shards folder holds of ours.
+SHARD_FILE = re.compile(rf"^({'|'.join(SPLITS)})-\d{{{SHARD_NUMBER_DIGITS}}}\.tar(\.idx)?$")
 
 
 def encode_int32(values) -> bytes:

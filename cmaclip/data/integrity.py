@@ -78,7 +78,7 @@ def sample_problems(dataset: DatasetInfo, tar: Path) -> list[str]:
     classes = np.array([len(c) for c in dataset.tasks.values()])
     problems = []
     for sample in range(len(table)):
-        where = table.describe(sample)
+        where = table.location(sample)
         components = table.read(sample)
         wrong = [ext for ext, size in sizes.items() if len(components[ext]) != size]
         if wrong:

@@ -1,8 +1,8 @@
 """The fallback input pipeline: the webdataset tars read with PIL in a torch DataLoader.
 
-Same batches as the DALI loader (loader.py's rule: DALI's split into parts, padding, steps).
+Same batches as the DALI loader (batch.py's rule: DALI's split into parts, padding, steps).
 Samples are located through the shards' .idx files (the ones DALI reads), so the sample order is
-DALI's and a sample is one positioned read. The rank's share is explicit (loader.rank_share) and
+DALI's and a sample is one positioned read. The rank's share is explicit (batch.rank_share) and
 so is the workers' share: one endless stream of batches over all epochs, batch g of it made by
 worker g mod workers, the order the DataLoader collects them in (workers start once and keep
 decoding across epoch ends). Every random choice (shuffle, crop, flip) is seeded by
@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from cmaclip.errors import DataError
 
 from .format import INT32_COMPONENTS, SOT_TOKEN_ID, EOT_TOKEN_ID, decode_int32
-from .loader import READ_COMPONENTS, BatchLoader, batches_per_epoch, normalize, rank_share
+from .batch import READ_COMPONENTS, BatchLoader, batches_per_epoch, normalize, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SampleTable:
             self._files[shard] = os.open(self.shard_paths[shard], os.O_RDONLY)
         return self._files[shard]
 
-    def describe(self, sample: int) -> str:
+    def location(self, sample: int) -> str:
         shard = int(self.shard_of[sample])
         first = int(np.searchsorted(self.shard_of, shard))
         return f"{self.shard_paths[shard]} sample {sample - first}"
@@ -209,7 +209,7 @@ class BatchMaker:
                 pixels = eval_crop(image, self.image_size)
             return pixels, values["tok"], values["lbl"], values["idx"][0], values["mod"]
         except Exception as error:  # noqa: BLE001 -- any unreadable sample is skipped, never fatal
-            self._warnings.warn(f"skipping unreadable sample ({self.table.describe(sample)}): {error}")
+            self._warnings.warn(f"skipping unreadable sample ({self.table.location(sample)}): {error}")
             return self._empty_row()
 
     def _empty_row(self):

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -43,7 +42,7 @@ import numpy as np
 
 from cmaclip.data.catalog import (BadRow, CatalogError, CatalogRow, placeholder_jpeg, prepare_image, read_catalog,
                                   skip_record)
-from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SPLITS, TEXT, EOT_TOKEN_ID,
+from cmaclip.data.format import (COMPONENTS, DATASET_FILE, FORMAT_VERSION, IMAGE, SHARD_FILE, SPLITS, TEXT, EOT_TOKEN_ID,
                                  encode_int32, load_dataset_info, sample_key, shard_name)
 from cmaclip.data.integrity import FILES_KEY, file_record, verify
 from cmaclip.errors import CmaclipError, command
@@ -52,7 +51,6 @@ from cmaclip.files import write_durably, write_json_atomic
 TAR_BLOCK = 512
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes
 STAGING_PREFIX = ".cmaclip-staging-"
-OWN_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar(\.idx)?$")
 
 
 class ShardsError(CmaclipError, ValueError):
@@ -324,7 +322,7 @@ class ShardsConfig:
                               "trained on")
 
 
-def check_tasks(tasks: list[str]) -> list[str]:
+def clean_task_names(tasks: list[str]) -> list[str]:
     tasks = [task.strip() for task in tasks]
     if not tasks or not all(tasks) or len(set(tasks)) != len(tasks):
         raise ShardsError(f"tasks must be distinct non-empty names, got {tasks}")
@@ -363,7 +361,7 @@ def remove_previous_output(out_dir: Path, current_staging: Path) -> None:
             continue
         if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-        elif OWN_FILE.match(entry.name) or entry.name.endswith(".partial"):
+        elif SHARD_FILE.match(entry.name) or entry.name.endswith(".partial"):
             entry.unlink()
 
 
@@ -441,7 +439,7 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
     CatalogError (both ValueError) before anything is written."""
     config = ShardsConfig(**options)
     config.check()
-    tasks = check_tasks(tasks)
+    tasks = clean_task_names(tasks)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, config.overwrite)
 
@@ -470,14 +468,14 @@ def write_shards(input_path: str | Path, tasks: list[str], out_dir: str | Path, 
             names = write_split_shards(split, split_samples, out_dir, staging, config.samples_per_shard, bar)
             splits[split] = {"samples": len(split_samples), "shards": names}
         bar.close()
-        dataset = describe(input_path, tasks, config, classes, dropped, splits, by_split, skipped)
+        dataset = dataset_json(input_path, tasks, config, classes, dropped, splits, by_split, skipped)
         dataset[FILES_KEY] = {path.name: file_record(path) for split in splits.values()
                               for name in split["shards"] for path in (out_dir / name, out_dir / f"{name}.idx")}
         write_json_atomic(out_dir / DATASET_FILE, dataset)
     return dataset
 
 
-def describe(input_path, tasks, config: ShardsConfig, classes, dropped, splits, by_split, skipped) -> dict:
+def dataset_json(input_path, tasks, config: ShardsConfig, classes, dropped, splits, by_split, skipped) -> dict:
     """dataset.json: the format contract (format_version, tasks, context_length, splits, skipped) plus
     what a user checks first: label counts per split, dropped classes, how images were stored."""
     label_counts = {

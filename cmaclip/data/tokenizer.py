@@ -153,5 +153,5 @@ class ClipTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH) -> ClipTokenizer:
-    """The process-wide tokenizer for `context_length` (built once: about 0.1 s after the first run)."""
+    """The process-wide tokenizer for `context_length` (built once per process)."""
     return ClipTokenizer(context_length)

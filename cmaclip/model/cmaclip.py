@@ -154,7 +154,7 @@ class CMAClip(nn.Module):
         if self.uses_text:
             input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask, text_length)
             text_states = self.backbone.encode_text(input_ids)  # [B, L', W]
-            eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # T[CLS]: the last attended token
+            eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # T[EOT]: the last attended token
         if self.uses_image:
             image_states = self.backbone.encode_image(pixel_values)  # [B, 1 + P, W]
 
@@ -168,11 +168,11 @@ class CMAClip(nn.Module):
             key_mask = torch.cat([attention_mask.bool() & present[:, TEXT, None],
                                   present[:, IMAGE, None].expand(-1, image_states.shape[1])], dim=1)
             sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions, nothing_masked)
-            text_cls, image_cls = sequence[rows, eot], sequence[:, text_length]
+            text_eot, image_cls = sequence[rows, eot], sequence[:, text_length]
         else:
-            text_cls, image_cls = clip_embeddings
+            text_eot, image_cls = clip_embeddings
 
-        task_inputs, weights = self._fuse(text_cls, image_cls, present)
+        task_inputs, weights = self._fuse(text_eot, image_cls, present)
         logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
         unimodal_logits = {}
         if self.unimodal_heads is not None:
@@ -191,22 +191,22 @@ class CMAClip(nn.Module):
                 output.loss = output.loss + self.config.unimodal_loss_weight * unimodal_loss
         return output
 
-    def _fuse(self, text_cls, image_cls, present):
+    def _fuse(self, text_eot, image_cls, present):
         """The two modality embeddings [B, W] -> (per-task head inputs [B, K, W'], weights [B, K, 2])."""
         num_tasks = len(self.task_names)
         if self.config.fusion in ("cma", "cma-no-modality"):
-            modalities = torch.stack([text_cls, image_cls], dim=1)  # [B, 2, W]
+            modalities = torch.stack([text_eot, image_cls], dim=1)  # [B, 2, W]
             if self.modality_attention is not None:
                 return self.modality_attention(modalities, present)
             weights = mean_weights(present, num_tasks)
             return weights.to(modalities.dtype) @ modalities, weights
         if self.config.fusion == "concat":
             # a missing modality's embedding is zeroed, so its placeholder input cannot leak in
-            pair = torch.cat([text_cls * present[:, TEXT, None], image_cls * present[:, IMAGE, None]], dim=-1)
+            pair = torch.cat([text_eot * present[:, TEXT, None], image_cls * present[:, IMAGE, None]], dim=-1)
             return pair[:, None, :].expand(-1, num_tasks, -1), mean_weights(present, num_tasks)
         only = TEXT if self.config.fusion == "text" else IMAGE
         present = present & (torch.arange(2, device=present.device) == only)
-        embedding = (text_cls if only == TEXT else image_cls) * present[:, only, None]
+        embedding = (text_eot if only == TEXT else image_cls) * present[:, only, None]
         return embedding[:, None, :].expand(-1, num_tasks, -1), mean_weights(present, num_tasks)
 
     def _trim_text(self, input_ids, attention_mask, length=None):

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 from transformers import CLIPConfig
 
-FUSIONS = ("cma", "cma-no-modality", "concat", "image", "text")
+# `model.fusion` values, simplest first (the order of the paper's Table 6, which `cmaclip ablate` writes):
+# one modality, both concatenated (fine-tuned CLIP), CMA-CLIP without and with modality attention.
+FUSIONS = ("image", "text", "concat", "cma-no-modality", "cma")
 
 # The shapes of the released OpenAI checkpoints (openai/clip-vit-base-patch32, -base-patch16,
-# -large-patch14). `tiny` is ours: small enough for a forward+backward at batch 32 well under
-# 0.5 s on one CPU core, with 64 patches per image so attention maps still show something.
+# -large-patch14). `tiny` is ours: small enough for the tests' many forwards and backwards on one
+# CPU core (docs/MEASUREMENTS.md), with 64 patches per image so attention maps still show something.
 # The vocabulary is CLIP's (49408) at every size: the shards hold CLIP BPE ids.
 PRESETS: dict[str, dict] = {
     "tiny": dict(

@@ -1,7 +1,7 @@
 """Modality-wise attention and the per-task heads.
 
 Keyless attention (the paper's modality-wise attention): each task k owns a learned vector w_k;
-the score of modality m is w_k . h_m (h_m = T'[CLS] or I'[CLS], layer-normed by the sequence
+the score of modality m is w_k . h_m (h_m = T'[EOT] or I'[CLS], layer-normed by the sequence
 attention), the weights are the softmax over the modalities PRESENT, and the fused vector is the
 weighted sum. The scoring is linear, as in the paper: with w_k = 0 at init every task starts from
 the plain mean and learns its own preference. Weights are [B, K, 2] in (text, image) order.
