@@ -135,6 +135,33 @@ def test_logit_scale_is_clamped_at_100():
     assert model(**batch).logit_scale.item() == pytest.approx(100.0)
 
 
+@pytest.mark.parametrize("fusion", ["cma", "image", "text"])
+def test_fine_tuning_starts_from_exactly_the_exported_features(fusion, tmp_path):
+    """model.pretrained=<export> gives CMA-CLIP the pretraining model's own pooled features (both
+    towers and both projections as exported, nothing re-initialised, at a non-default image size
+    so that no position-table interpolation hides in the load)."""
+    from cmaclip.model import CMAClip
+
+    torch.manual_seed(0)
+    pretrained = ContrastiveCLIP(ModelConfig(preset="tiny", image_size=32), ContrastiveConfig()).eval()
+    pretrained.save_pretrained(tmp_path)
+    batch = pair_batch()
+    batch["pixel_values"] = batch["pixel_values"][..., :32, :32]
+    torch.manual_seed(1)  # a re-initialised weight would differ from the export
+    model = CMAClip(ModelConfig(pretrained=str(tmp_path), fusion=fusion), {"task": ["a", "b"]}).eval()
+    assert model.config.image_size == 32
+    with torch.no_grad():
+        image, text = pretrained.encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        eot = batch["attention_mask"].sum(-1) - 1
+        if model.uses_image:
+            ours = torch.nn.functional.normalize(model.backbone.encode_image(batch["pixel_values"])[:, 0], dim=-1)
+            assert torch.equal(ours, image)
+        if model.uses_text:
+            states = model.backbone.encode_text(batch["input_ids"])
+            ours = torch.nn.functional.normalize(states[torch.arange(len(eot)), eot], dim=-1)
+            assert torch.equal(ours, text)
+
+
 # ---- the command under accelerate launch -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
