@@ -66,3 +66,9 @@ class CLIPBackbone(nn.Module):
             interpolate_pos_encoding=pixel_values.shape[-1] != expected,
         ).last_hidden_state
         return self.visual_projection(self.vision_model.post_layernorm(states))
+
+
+def eot_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] text mask -> [B] position of each row's EOT token, where CLIP pools the title: the
+    mask is 1 up to and including the first EOT (0 for a row with no text at all)."""
+    return (attention_mask.sum(dim=-1) - 1).clamp(min=0)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from cmaclip.model.attention import SequenceAttention
-from cmaclip.model.backbone import CLIPBackbone
+from cmaclip.model.backbone import CLIPBackbone, eot_positions
 from cmaclip.model.config import ModelConfig, preset_clip_config
 from cmaclip.model.fusion import KeylessModalityAttention, TaskHead, mean_weights
 
@@ -154,7 +154,7 @@ class CMAClip(nn.Module):
         if self.uses_text:
             input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask, text_length)
             text_states = self.backbone.encode_text(input_ids)  # [B, L', W]
-            eot = (attention_mask.sum(dim=1) - 1).clamp(min=0)  # T[EOT]: the last attended token
+            eot = eot_positions(attention_mask)  # T[EOT]
         if self.uses_image:
             image_states = self.backbone.encode_image(pixel_values)  # [B, 1 + P, W]
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .backbone import CLIPBackbone
+from .backbone import CLIPBackbone, eot_positions
 from .config import ContrastiveConfig, ModelConfig, preset_clip_config
 
 # CLIP clamps the learnable logit scale at 100 (temperature 0.01) to keep training stable.
@@ -75,7 +75,7 @@ class ContrastiveCLIP(nn.Module):
                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> L2-normed image and title features [B, width]."""
         image = self.backbone.encode_image(pixel_values)[:, 0]
-        eot = attention_mask.sum(-1) - 1  # the mask is 1 up to and including the first EOT
+        eot = eot_positions(attention_mask)
         text_states = self.backbone.encode_text(input_ids)
         text = text_states[torch.arange(len(eot), device=eot.device), eot]
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)

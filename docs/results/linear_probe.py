@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from cmaclip.data.config import DataConfig
 from cmaclip.data.loader import build_loader
-from cmaclip.model.backbone import CLIPBackbone
+from cmaclip.model.backbone import CLIPBackbone, eot_positions
 from cmaclip.model.config import ModelConfig, preset_clip_config
 
 
@@ -26,7 +26,7 @@ def embeddings(backbone, shards, split):
     with torch.no_grad():
         for batch in loader:
             real = batch["index"] >= 0
-            eot = batch["attention_mask"].sum(-1) - 1
+            eot = eot_positions(batch["attention_mask"])
             texts.append(backbone.encode_text(batch["input_ids"])[torch.arange(len(eot)), eot][real])
             images.append(backbone.encode_image(batch["pixel_values"])[:, 0][real])
             labels.append(batch["labels"][real])
