@@ -147,22 +147,23 @@ def modality_weights_table(results: dict[str, dict]) -> str:
                       "| `cma` | " + " | ".join(f"{w['image']:.2f}" for w in weights.values()) + " |"])
 
 
-def unimodal_heads_table(results: dict[str, dict[str, dict]]) -> str:
-    """Mean accuracy (percent) of the fused prediction and of the text-only and image-only heads of
-    the variants that have them, clean and under each perturbation (a head is scored on the samples
-    that have its modality). results: variant -> perturb -> metrics."""
+def each_modality_alone_table(results: dict[str, dict[str, dict]]) -> str:
+    """Mean accuracy (percent) of the fused prediction and of the model's prediction from the text
+    alone and from the image alone (variants trained on each alone), clean and under each
+    perturbation (each alone is scored on the samples that have its modality). results: variant ->
+    perturb -> metrics."""
     variants = [v for v in results if results[v]["none"].get("unimodal")]
     if not variants:
         return ""
     perturbs = [p for p in PERTURBATIONS if all(p in results[v] for v in variants)]
-    lines = ["| variant | " + " | ".join(f"{p} fused / text head / image head" for p in perturbs) + " |",
+    lines = ["| variant | " + " | ".join(f"{p} fused / text alone / image alone" for p in perturbs) + " |",
              "|---|" + "---:|" * len(perturbs)]
     for variant in variants:
         cells = []
         for perturb in perturbs:
             metrics = results[variant][perturb]
-            heads = [metrics["unimodal"].get(name, {}).get("mean") for name in ("text", "image")]
-            cells.append(" / ".join(_cell(value) for value in [metrics["mean"]["accuracy"], *heads]))
+            alone = [metrics["unimodal"].get(name, {}).get("mean") for name in ("text", "image")]
+            cells.append(" / ".join(_cell(value) for value in [metrics["mean"]["accuracy"], *alone]))
         lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -173,7 +174,7 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
     over_seeds = (f" Mean ± standard deviation over seeds {', '.join(map(str, seeds))}." if len(seeds) > 1
                   else "")
     weights = modality_weights_table({variant: by_perturb["none"] for variant, by_perturb in results.items()})
-    heads = unimodal_heads_table(results)
+    alone = each_modality_alone_table(results)
     return "\n".join([
         "# Ablation (the paper's Table 6)",
         "",
@@ -198,10 +199,11 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
            "Mean weight of the image per task in the modality attention (clean split); the text gets "
            "the rest. A task that only the photo carries should lean on the image, and one that only "
            "the title carries on the text.", "", weights, ""] if weights else []),
-        *(["## Unimodal heads", "",
-           "Mean accuracy of the fused prediction and of the model's own text-only and image-only heads "
-           "(`model.unimodal_loss_weight`); a head counts the samples that have its modality.", "", heads, ""]
-          if heads else []),
+        *(["## Each modality alone", "",
+           "Mean accuracy of the fused prediction and of the same model given only the text or only the "
+           "image (the other masked: what a product without a photo or a title gets; trained with "
+           "`model.unimodal_loss_weight`); each alone counts the samples that have its modality.", "", alone, ""]
+          if alone else []),
     ])
 
 

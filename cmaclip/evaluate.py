@@ -55,7 +55,8 @@ class EvalResult:
     perturb: str = "none"
     pictures: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (name, uint8 HWC)
     unimodal: dict = field(default_factory=dict)
-    """The unimodal heads' accuracy (models that have them): {"text" | "image": {"tasks": {task:
+    """The model's accuracy from each modality alone (fused variants trained with
+    model.unimodal_loss_weight > 0): {"text" | "image": {"tasks": {task:
     accuracy}, "mean": accuracy}}, over the samples that have the modality."""
     auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
@@ -73,7 +74,7 @@ class EvalResult:
         """One line for logs: the means, then each task's accuracy."""
         mean = self.metrics["mean"]
         tasks = " | ".join(f"{task} {_fmt(m['accuracy'])}" for task, m in self.metrics["tasks"].items())
-        heads = "".join(f" | {name} head {_fmt(head['mean'])}" for name, head in self.unimodal.items())
+        heads = "".join(f" | {name} alone {_fmt(head['mean'])}" for name, head in self.unimodal.items())
         return (f"eval ({self.num_samples} samples{'' if self.perturb == 'none' else ', ' + self.perturb}): "
                 f"mean accuracy {_fmt(mean['accuracy'])}, recall@p90 {_fmt(mean['recall_at_p90'])} | {tasks}{heads}")
 
@@ -199,7 +200,7 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         first_batch = batch if first_batch is None else first_batch
         batch = perturb_batch(batch, perturb, seed, word_end)
         with autocast():
-            output = model(**model_inputs(batch))
+            output = model(**model_inputs(batch), unimodal=True)
         # per task: the predicted class and its softmax probability
         confidence, predicted = zip(*(output.logits[task].float().softmax(dim=-1).max(dim=-1) for task in tasks))
         parts["index"].append(batch["index"].cpu().numpy())
@@ -207,7 +208,7 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["predicted"].append(torch.stack(predicted, dim=1).cpu().numpy())
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
-        for name, head_logits in getattr(output, "unimodal_logits", {}).items():  # models with unimodal heads
+        for name, head_logits in output.unimodal_logits.items():  # fused variants trained on each modality alone
             predicted = torch.stack([head_logits[task].argmax(dim=-1) for task in tasks], dim=1)
             parts.setdefault(f"predicted_{name}", []).append(predicted.cpu().numpy())
             parts.setdefault(f"has_{name}", []).append(batch["modality_mask"][:, MODALITIES.index(name)].cpu().numpy())
@@ -264,7 +265,7 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
 
 
 def unimodal_accuracy(samples: dict[str, np.ndarray], tasks: list[str]) -> dict:
-    """Accuracy of each unimodal head over the labelled samples that have its modality."""
+    """Accuracy from each modality alone over the labelled samples that have that modality."""
     result = {}
     for name in MODALITIES:
         if f"predicted_{name}" not in samples:

@@ -120,7 +120,7 @@ def test_recipe_is_frozen_once_per_output_dir(tmp_path):
         ablate.freeze_config(load_config("configs/cpu-demo.yaml", ["train.max_steps=8"]), path)
 
 
-def test_modality_weights_and_unimodal_heads_are_reported():
+def test_modality_weights_and_each_modality_alone_are_reported():
     results = {variant: {perturb: dict(m) for perturb, m in by.items()} for variant, by in RESULTS.items()}
     results["cma"]["none"]["modality_weights"] = {"colour": {"text": 0.2, "image": 0.8},
                                                   "kind": {"text": 0.7, "image": 0.3}}
@@ -130,6 +130,7 @@ def test_modality_weights_and_unimodal_heads_are_reported():
     text = ablate.ablation_markdown(results, command="c", budget="b", split="val", samples=10, seeds=[0])
     assert "| `cma` | 0.80 | 0.30 |" in text
     assert "| `cma` | 85.0 / 70.0 / 60.0 | 60.0 / - / 60.0 | 60.0 / 70.0 / - | 80.0 / 50.0 / 60.0 |" in text
+    assert "none fused / text alone / image alone" in text
     averaged = ablate.average_runs([results["cma"]["none"], results["cma"]["none"]])
     assert averaged["modality_weights"]["colour"]["image"] == pytest.approx(0.8)
     assert averaged["unimodal"]["text"]["mean"] == pytest.approx(0.7)

@@ -24,7 +24,7 @@ class ScriptedModel(nn.Module):
         self.calls = 0
 
     def forward(self, pixel_values, input_ids, attention_mask, modality_mask=None, labels=None,
-                return_attentions=False):
+                return_attentions=False, unimodal=False):
         self.calls += 1
         logits = {}
         for k, (task, classes) in enumerate(TASKS.items()):
@@ -42,7 +42,7 @@ class ScriptedModel(nn.Module):
             size = text_length + 1 + 4
             attentions = [torch.full((len(input_ids), 1, size, size), 1.0 / size)]
         return SimpleNamespace(logits=logits, modality_weights=weights, attentions=attentions,
-                               text_length=text_length)
+                               text_length=text_length, unimodal_logits={})
 
 
 def make_batch(indices, labels, predicted, confidences, image_weight=0.25):
@@ -276,7 +276,7 @@ def test_real_loader_and_model_count_the_split_once(fashion_shards, tmp_path, ca
     assert "| **mean** |" in capsys.readouterr().out
 
 
-def test_unimodal_heads_are_scored_on_the_samples_that_have_their_modality():
+def test_each_modality_alone_is_scored_on_the_samples_that_have_it():
     samples = {"labels": np.array([[0, 1], [1, -1], [2, 0]]),
                "predicted_text": np.array([[0, 1], [0, 0], [2, 1]]), "has_text": np.array([True, True, False]),
                "predicted_image": np.array([[1, 1], [1, 1], [2, 0]]), "has_image": np.array([True, True, True])}

@@ -114,9 +114,7 @@ def test_modality_weights_sum_to_one_over_present_modalities():
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_a_missing_modality_does_not_influence_the_prediction(fusion, untrained_fusion):
-    # the fused prediction (the unimodal heads' fallback would answer for it, and they cannot
-    # see the other modality at all: the sequence attention's masking would go untested)
-    model = untrained_fusion(tiny(fusion, unimodal_when_missing=False))
+    model = untrained_fusion(tiny(fusion))
     batch = make_batch([5, 5])
     batch["modality_mask"] = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)  # no image / no text
     changed = {key: value.clone() for key, value in batch.items()}
@@ -157,16 +155,14 @@ def test_task_weights_and_label_smoothing_enter_the_loss():
 
 def test_heads_read_the_weighted_sum_of_eot_and_cls_taken_from_the_attended_sequence(cma):
     """Head input of task k = w_k,text * T'[EOT] + w_k,image * I'[CLS], both read from the sequence
-    attention's output at the EOT and the image [CLS] positions; the unimodal heads read CLIP's
-    T[EOT] and I[CLS] (the projected encoder states at the same positions, before that attention)."""
+    attention's output at the EOT and the image [CLS] positions."""
     batch = make_batch([3, 9])
     seen = {}
     hooks = [cma.sequence_attention.register_forward_hook(lambda m, i, out: seen.__setitem__("sequence", out[0])),
              cma.backbone.text_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("T", out)),
              cma.backbone.visual_projection.register_forward_hook(lambda m, i, out: seen.__setitem__("I", out))]
-    for name, heads in [("fused", cma.heads), *cma.unimodal_heads.items()]:
-        for k, head in enumerate(heads):
-            hooks.append(head.register_forward_pre_hook(lambda m, args, key=(name, k): seen.__setitem__(key, args[0])))
+    for k, head in enumerate(cma.heads):
+        hooks.append(head.register_forward_pre_hook(lambda m, args, key=("fused", k): seen.__setitem__(key, args[0])))
     task_vectors = cma.modality_attention.task_vectors
     original = task_vectors.detach().clone()
     with torch.no_grad():
@@ -183,8 +179,6 @@ def test_heads_read_the_weighted_sum_of_eot_and_cls_taken_from_the_attended_sequ
     for k in range(len(TASKS)):
         expected = weights[:, k, :1] * text + weights[:, k, 1:] * image
         torch.testing.assert_close(seen[("fused", k)], expected)
-        torch.testing.assert_close(seen[("text", k)], seen["T"][torch.arange(2), eot])
-        torch.testing.assert_close(seen[("image", k)], seen["I"][:, 0])
 
 
 def test_eot_and_cls_embeddings_are_clips_own_text_and_image_features():
@@ -211,8 +205,8 @@ def test_eot_and_cls_embeddings_are_clips_own_text_and_image_features():
     torch.testing.assert_close(seen["input"][:, width:], image)
 
 
-def test_unimodal_heads_learn_from_the_samples_that_have_their_modality():
-    model = tiny(unimodal_loss_weight=0.5)
+def test_each_modality_alone_learns_from_the_samples_that_have_it():
+    model = tiny(unimodal_loss_weight=0.5, dropout=0.0).train()
     batch = make_batch([3, 5, 8])
     batch["modality_mask"] = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
     labels = torch.tensor([[0, 1], [2, 0], [1, -1]])
@@ -220,24 +214,35 @@ def test_unimodal_heads_learn_from_the_samples_that_have_their_modality():
     assert set(out.unimodal_logits) == {"text", "image"}
     expected, _ = model.loss(out.logits, labels)
     for name, rows in (("text", [0, 1]), ("image", [0, 2])):
-        unimodal, _ = model.loss({task: value[rows] for task, value in out.unimodal_logits[name].items()}, labels[rows])
-        expected = expected + 0.5 * unimodal
+        alone, _ = model.loss({task: value[rows] for task, value in out.unimodal_logits[name].items()}, labels[rows])
+        expected = expected + 0.5 * alone
     torch.testing.assert_close(out.loss, expected)
-    assert tiny(unimodal_loss_weight=0).unimodal_heads is None and tiny("text").unimodal_heads is None
+    model.eval()
+    assert model(**batch).unimodal_logits == {}  # prediction does not pay for them
+    assert set(model(**batch, unimodal=True).unimodal_logits) == {"text", "image"}  # evaluation does
+    for without in (tiny(unimodal_loss_weight=0).train(), tiny("text").train()):
+        assert without(**batch, labels=labels).unimodal_logits == {}
 
 
-@pytest.mark.parametrize("when_missing", [True, False])
-def test_a_sample_with_one_modality_is_predicted_by_that_modalitys_head(when_missing):
-    model = tiny(unimodal_when_missing=when_missing)
-    batch = make_batch([3, 5, 8])
-    batch["modality_mask"] = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+@pytest.mark.parametrize("fusion", ["cma", "cma-no-modality", "concat"])
+def test_each_modality_alone_is_the_prediction_a_product_with_that_modality_only_gets(fusion, untrained_fusion):
+    """The auxiliary loss trains exactly the model that answers a product without a photo or a
+    title: the text-alone prediction of a full product equals the model's prediction for the same
+    product with its image masked, and the image-alone one with its text masked."""
+    model = untrained_fusion(tiny(fusion))
+    if model.modality_attention is not None:
+        model.modality_attention.task_vectors.data.normal_()
+    both = make_batch([3, 7])
+    masked = {name: {**both, "modality_mask": torch.tensor([keep, keep], dtype=torch.bool)}
+              for name, keep in (("text", [1, 0]), ("image", [0, 1]))}
     with torch.no_grad():
-        out = model(**batch)
-    for task in TASKS:
-        heads = out.unimodal_logits
-        assert torch.equal(out.logits[task][0], heads["text"][task][0]) == when_missing
-        assert torch.equal(out.logits[task][1], heads["image"][task][1]) == when_missing
-        assert not torch.equal(out.logits[task][2], heads["text"][task][2])
+        alone = model(**both, unimodal=True).unimodal_logits
+        fused = model(**both).logits
+        for name in ("text", "image"):
+            answered = model(**masked[name]).logits
+            for task in TASKS:
+                torch.testing.assert_close(alone[name][task], answered[task])
+                assert not torch.allclose(alone[name][task], fused[task], atol=1e-4)
 
 
 def test_modality_dropout_is_applied_in_training():
@@ -279,16 +284,30 @@ def test_save_pretrained_refuses_a_state_dict_of_another_model(cma, tmp_path):
         cma.save_pretrained(tmp_path, state_dict={("module." + k): v for k, v in cma.state_dict().items()})
 
 
-def test_a_model_saved_before_the_unimodal_heads_loads_and_an_unknown_format_is_refused(tmp_path):
-    old = tiny(unimodal_loss_weight=0)  # format 1 had no unimodal heads and no key for them
+def test_models_saved_in_formats_1_and_2_load_and_an_unknown_format_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    old = tiny(unimodal_loss_weight=0)  # format 1 had no auxiliary loss and no key for it
     old.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["model"]["unimodal_loss_weight"], saved["model"]["unimodal_when_missing"]
+    del saved["model"]["unimodal_loss_weight"]
     (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 1}))
     loaded = CMAClip.from_pretrained(tmp_path).eval()
     batch = make_batch([3, 4])
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits["color"], old(**batch).logits["color"])
+    # format 2: separate unimodal heads (dropped on load) and their `unimodal_when_missing` key
+    version2 = tiny()
+    version2.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["unimodal_heads.text.0.net.1.weight"] = torch.zeros(4, 4)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["model"]["unimodal_when_missing"] = True
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 2}))
+    with torch.no_grad():
+        assert torch.equal(CMAClip.from_pretrained(tmp_path).eval()(**batch).logits["color"],
+                           version2(**batch).logits["color"])
     (tmp_path / "config.json").write_text(json.dumps({**saved, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         CMAClip.from_pretrained(tmp_path)

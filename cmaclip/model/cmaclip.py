@@ -4,9 +4,9 @@
     image        -> CLIP vision encoder -> post_layernorm + visual_proj. --+ + type[image]
     [T; I] (text padding and missing modalities masked) -> SequenceAttention -> T'[EOT], I'[CLS]
     per task k: keyless attention over (T'[EOT], I'[CLS]) -> fused_k -> head_k -> logits_k
-    per task k (fused variants): text head_k(T[EOT]), image head_k(I[CLS]) on the CLIP embeddings ->
-                unimodal logits, trained with an auxiliary loss so that each encoder learns its
-                own modality; they answer for a sample that has only their modality
+    fused variants, training: the same model once more on the text alone and on the image alone
+                (the other modality masked: the prediction a product with one modality gets),
+                an auxiliary loss on both, so that each encoder has to learn its own modality
 
 The fusion variants (`model.fusion`) change only what reaches the heads, for a fair ablation:
 cma-no-modality replaces the modality attention by the mean over present modalities; concat,
@@ -32,7 +32,7 @@ from cmaclip.model.fusion import KeylessModalityAttention, TaskHead, mean_weight
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-SAVE_FORMAT_VERSION = 2  # 2: unimodal heads (model.unimodal_loss_weight)
+SAVE_FORMAT_VERSION = 3  # 2: separate unimodal heads; 3: none (the model alone is the unimodal prediction)
 TEXT, IMAGE = 0, 1  # modality order everywhere: the sequence, modality_mask, modality_weights
 MODALITY_NAMES = ("text", "image")
 
@@ -55,9 +55,10 @@ class CMAClipOutput(dict):
                       patches]
     text_length       text positions in the sequence: the batch's longest attended text
                       (padding beyond it is trimmed before the encoders: it is masked anyway)
-    unimodal_logits   "text" | "image" -> task -> [B, classes]: the unimodal heads' predictions
-                      (fused variants with model.unimodal_loss_weight > 0; else {}). A head's
-                      prediction for a sample without its modality is meaningless.
+    unimodal_logits   "text" | "image" -> task -> [B, classes]: the model's prediction from that
+                      modality alone, the other masked (fused variants with
+                      model.unimodal_loss_weight > 0, in training or when asked with
+                      `unimodal=True`; else {}). Meaningless for a sample without the modality.
     """
 
     def __init__(self, fields=(), /, **more):
@@ -120,9 +121,7 @@ class CMAClip(nn.Module):
             self.modality_attention = KeylessModalityAttention(len(tasks), width)
         head_in = 2 * width if fusion == "concat" else width
         self.heads = self._task_heads(head_in)
-        self.unimodal_heads = None
-        if self.uses_text and self.uses_image and config.unimodal_loss_weight > 0:
-            self.unimodal_heads = nn.ModuleDict({name: self._task_heads(width) for name in MODALITY_NAMES})
+        self.learns_each_alone = self.uses_text and self.uses_image and config.unimodal_loss_weight > 0
         if config.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
             if self.sequence_attention is not None:
@@ -135,12 +134,14 @@ class CMAClip(nn.Module):
     def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, modality_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, return_attentions: bool = False,
-                text_length: int | None = None, nothing_masked: bool | None = None) -> CMAClipOutput:
+                text_length: int | None = None, nothing_masked: bool | None = None,
+                unimodal: bool = False) -> CMAClipOutput:
         """The batch contract of ARCHITECTURE.md: pixel_values [B, 3, S, S], input_ids and
         attention_mask [B, L], modality_mask [B, 2] bool (text, image; None = both present),
         labels [B, K] (-1 = missing). The `image` / `text` variants accept None for the modality
         they do not read. text_length / nothing_masked: the loader's host-side counts of the batch
-        (model_inputs(..., with_host_facts=True)); without them the model waits for the device."""
+        (model_inputs(..., with_host_facts=True)); without them the model waits for the device.
+        unimodal: also return `unimodal_logits` outside training (evaluation reports them)."""
         given = pixel_values if input_ids is None else input_ids
         batch, device = given.shape[0], given.device
         present = (torch.ones(batch, 2, dtype=torch.bool, device=device) if modality_mask is None
@@ -150,7 +151,7 @@ class CMAClip(nn.Module):
             nothing_masked = False  # the dropout may have masked a modality: keep the mask (no device read)
 
         text_length = text_length if self.uses_text else 0
-        text_states = image_states = None
+        text_states = image_states = eot = None
         if self.uses_text:
             input_ids, attention_mask, text_length = self._trim_text(input_ids, attention_mask, text_length)
             text_states = self.backbone.encode_text(input_ids)  # [B, L', W]
@@ -158,38 +159,60 @@ class CMAClip(nn.Module):
         if self.uses_image:
             image_states = self.backbone.encode_image(pixel_values)  # [B, 1 + P, W]
 
-        rows = torch.arange(batch, device=device)
-        attentions = None
-        clip_embeddings = (text_states[rows, eot] if self.uses_text else None,
-                           image_states[:, 0] if self.uses_image else None)
-        if self.sequence_attention is not None:
-            sequence = torch.cat([text_states + self.modality_embedding[TEXT],
-                                  image_states + self.modality_embedding[IMAGE]], dim=1)
-            key_mask = torch.cat([attention_mask.bool() & present[:, TEXT, None],
-                                  present[:, IMAGE, None].expand(-1, image_states.shape[1])], dim=1)
-            sequence, attentions = self.sequence_attention(sequence, key_mask, return_attentions, nothing_masked)
-            text_eot, image_cls = sequence[rows, eot], sequence[:, text_length]
-        else:
-            text_eot, image_cls = clip_embeddings
-
-        task_inputs, weights = self._fuse(text_eot, image_cls, present)
-        logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
+        text_eot, image_cls, attentions = self._summaries(text_states, image_states, attention_mask, eot, present,
+                                                          return_attentions, nothing_masked)
+        logits, weights = self._predict(text_eot, image_cls, present)
         unimodal_logits = {}
-        if self.unimodal_heads is not None:
-            unimodal_logits = {name: {task: head(clip_embeddings[m]) for task, head in zip(self.task_names, heads)}
-                               for m, (name, heads) in enumerate(self.unimodal_heads.items())}
-        if unimodal_logits and self.config.unimodal_when_missing and not self.training:
-            logits = with_unimodal_when_missing(logits, unimodal_logits, present)
+        if self.learns_each_alone and (self.training or unimodal):
+            for m, name in enumerate(MODALITY_NAMES):
+                alone = present & (torch.arange(2, device=device) == m)
+                given = (text_states, None) if m == TEXT else (None, image_states)
+                # the sequence attention over one modality's positions: exactly what the full
+                # sequence gives those positions with the other modality's keys masked, and cheaper
+                text_eot, image_cls, _ = self._summaries(*given, attention_mask, eot, alone, nothing_masked=False)
+                unimodal_logits[name], _ = self._predict(text_eot, image_cls, alone)
         output = CMAClipOutput(logits=logits, modality_weights=weights.float(), attentions=attentions,
                                text_length=text_length, unimodal_logits=unimodal_logits)
         if labels is not None:
             output.loss, output.task_losses = self.loss(logits, labels)
             for m, name in enumerate(unimodal_logits):
-                # each head learns from the samples that have its modality (after modality dropout)
+                # each modality alone learns from the samples that have it (after modality dropout)
                 with_modality = torch.where(present[:, m, None].to(labels.device), labels, -1)
                 unimodal_loss, _ = self.loss(unimodal_logits[name], with_modality)
                 output.loss = output.loss + self.config.unimodal_loss_weight * unimodal_loss
         return output
+
+    def _summaries(self, text_states, image_states, attention_mask, eot, present, return_attentions=False,
+                   nothing_masked=None):
+        """The per-modality summaries that reach the fusion -> (T'[EOT] [B, W], I'[CLS] [B, W],
+        attentions): after the sequence attention over the given modalities' positions (text
+        padding and missing modalities masked), or CLIP's own EOT / [CLS] states in the variants
+        without it. A modality not given (None) gets None."""
+        batch = (text_states if text_states is not None else image_states).shape[0]
+        rows = torch.arange(batch, device=present.device)
+        if self.sequence_attention is None:
+            return (None if text_states is None else text_states[rows, eot],
+                    None if image_states is None else image_states[:, 0], None)
+        parts, key_masks = [], []
+        if text_states is not None:
+            parts.append(text_states + self.modality_embedding[TEXT])
+            key_masks.append(attention_mask.bool() & present[:, TEXT, None])
+        if image_states is not None:
+            parts.append(image_states + self.modality_embedding[IMAGE])
+            key_masks.append(present[:, IMAGE, None].expand(-1, image_states.shape[1]))
+        sequence, attentions = self.sequence_attention(torch.cat(parts, dim=1), torch.cat(key_masks, dim=1),
+                                                       return_attentions, nothing_masked)
+        text_length = 0 if text_states is None else text_states.shape[1]
+        return (None if text_states is None else sequence[rows, eot],
+                None if image_states is None else sequence[:, text_length], attentions)
+
+    def _predict(self, text_eot, image_cls, present):
+        """Summaries (one may be None: its modality counts as missing) -> (task -> logits, weights)."""
+        text_eot = torch.zeros_like(image_cls) if text_eot is None else text_eot
+        image_cls = torch.zeros_like(text_eot) if image_cls is None else image_cls
+        task_inputs, weights = self._fuse(text_eot, image_cls, present)
+        logits = {task: head(task_inputs[:, k]) for k, (task, head) in enumerate(zip(self.task_names, self.heads))}
+        return logits, weights
 
     def _fuse(self, text_eot, image_cls, present):
         """The two modality embeddings [B, W] -> (per-task head inputs [B, K, W'], weights [B, K, 2])."""
@@ -268,30 +291,24 @@ class CMAClip(nn.Module):
                 raise FileNotFoundError(f"{path} not found: is {directory} a folder written by "
                                         "CMAClip.save_pretrained (an output_dir's model/)?")
         saved = json.loads(config_path.read_text())
-        if saved.get("format_version") == 1:
-            # version 1 predates the unimodal heads: the same model, built without them
+        version = saved.get("format_version")
+        if version not in (1, 2, SAVE_FORMAT_VERSION):
+            raise ValueError(f"{config_path}: format_version {version!r}, this cmaclip reads 1 to {SAVE_FORMAT_VERSION}")
+        weights = load_file(str(weights_path))
+        if version == 1:  # before the auxiliary loss: the same model, built without it
             saved["model"].setdefault("unimodal_loss_weight", 0.0)
-        elif saved.get("format_version") != SAVE_FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format_version {saved.get('format_version')!r}, "
-                             f"this cmaclip reads 1 and {SAVE_FORMAT_VERSION}")
+        if version == 2:
+            # version 2 had separate unimodal heads; they are dropped, and a product with one
+            # modality gets the fused heads' answer with the other masked, as in version 3
+            saved["model"].pop("unimodal_when_missing", None)
+            weights = {name: tensor for name, tensor in weights.items() if not name.startswith("unimodal_heads.")}
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(saved["model"]) - known)
         if unknown:
             raise ValueError(f"{config_path}: unknown model config key(s) {unknown}")
         model = cls(ModelConfig(**saved["model"]), saved["tasks"], clip_config=saved["clip"])
-        model.load_state_dict(load_file(str(weights_path)))
+        model.load_state_dict(weights)
         return model.to(map_location)
-
-
-def with_unimodal_when_missing(logits: dict[str, torch.Tensor], unimodal_logits: dict[str, dict[str, torch.Tensor]],
-                               present: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The fused logits, except for samples that have one modality only: there the logits of that
-    modality's unimodal head."""
-    text_only = (present[:, TEXT] & ~present[:, IMAGE])[:, None]
-    image_only = (present[:, IMAGE] & ~present[:, TEXT])[:, None]
-    return {task: torch.where(text_only, unimodal_logits["text"][task],
-                              torch.where(image_only, unimodal_logits["image"][task], fused))
-            for task, fused in logits.items()}
 
 
 def drop_one_modality(present: torch.Tensor, probability: float) -> torch.Tensor:

@@ -85,17 +85,14 @@ class ModelConfig:
     image, equally likely; never both), so the model learns to predict from either alone."""
 
     unimodal_loss_weight: float = 1.0
-    """Fused variants (cma, cma-no-modality, concat): each task also gets a text-only and an
-    image-only head on CLIP's own T[EOT] / I[CLS] embeddings (before the sequence attention, so a
-    head sees the same input whether or not the other modality is there), and their cross
-    entropies (each over the samples that have the modality),
-    times this weight, join the loss. It makes each encoder learn its own modality: without it
-    the fused model learns whichever modality is easiest to fit and leaves the other untrained
-    (docs/RESULTS.md). 0 = no unimodal heads (a model without them saves and loads as before)."""
-
-    unimodal_when_missing: bool = True
-    """Evaluation and prediction of a model with unimodal heads: a sample with one modality only
-    (no title, or no photo) gets the prediction of that modality's head instead of the fused head's."""
+    """Fused variants (cma, cma-no-modality, concat): in training the model also predicts from the
+    text alone and from the image alone (the same layers and heads, the other modality masked:
+    exactly the prediction a product with one modality gets), and their cross entropies (each over
+    the samples that have the modality), times this weight, join the loss. It makes each encoder
+    learn its own modality, and the model answer well when a title or a photo is missing: without
+    it the fused model learns whichever modality is easiest to fit and leaves the other untrained
+    (docs/RESULTS.md). Costs two more passes of the fusion layers and heads per training step (the
+    encoders run once). 0 = off."""
 
     label_smoothing: float = 0.0
     """Label smoothing of every task's cross entropy."""
