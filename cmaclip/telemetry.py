@@ -59,9 +59,17 @@ def flop_counter() -> FlopCounterMode:
 
 
 def forward_flops(model, batch: dict) -> int:
-    """FLOPs of one forward of `model` over `batch` (its model inputs), without gradients."""
-    with flop_counter() as counter, torch.no_grad():
-        model(**model_inputs(batch))
+    """FLOPs of one training forward of `model` over `batch` (its model inputs), without gradients.
+    Counted in eval mode (no dropout draws: the run's random stream does not move; the same FLOPs),
+    with the passes over each modality alone that only training runs."""
+    was_training = model.training
+    options = {"unimodal": True} if getattr(model, "learns_each_alone", False) else {}
+    model.eval()
+    try:
+        with flop_counter() as counter, torch.no_grad():
+            model(**model_inputs(batch), **options)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops()
 
 
@@ -130,13 +138,11 @@ class Telemetry:
         loader = build_loader(config.data.shards, config.data.train_split, batch_size=config.train.batch_size,
                               config=dataclasses.replace(config.data, loader="pil", workers=0),
                               image_size=model.config.image_size, train=False, device=self.device)
-        was_training = model.training
-        model.to(self.device).eval()  # eval: no dropout draws; same FLOPs
+        model.to(self.device)
         # a DataLoader draws its base seed from torch's generator: the run's random stream must not move
         with torch.random.fork_rng(devices=[]):
             batch = next(iter(loader))
         flops = forward_flops(model, batch)
-        model.train(was_training)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return TRAINING_FLOPS_PER_FORWARD * flops / self.batch_size

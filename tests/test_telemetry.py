@@ -47,6 +47,7 @@ def test_three_forwards_are_the_counted_training_step_of_the_model():
              "modality_mask": torch.ones(4, 2, dtype=torch.bool)}
     labels = torch.zeros(4, 2, dtype=torch.long)
     forward = forward_flops(model, batch)
+    assert model.training  # left as it was
     step = counted(lambda: model(**batch, labels=labels).loss.backward())
     # near, not equal: the patch embedding's input gradient is never computed (less), the attention
     # backward recomputes the attention (more); on the tiny model the two come within 1%
