@@ -1,5 +1,6 @@
 """Training-step time of CMA-CLIP (`model.fusion=cma`) vs fine-tuned CLIP (`concat`), same backbone,
-same batch: what the sequence-wise and modality-wise attention cost on top of CLIP.
+same batch: what the sequence-wise and modality-wise attention cost on top of CLIP; and what the
+auxiliary passes over each modality alone cost (`cma` vs `cma` with model.unimodal_loss_weight=0).
 
 One step = forward + loss + backward + AdamW step (the trainer's parameter groups), single process
 (DDP/ZeRO add the same communication to both). Batch 4 of product-like inputs: titles of 8..30
@@ -48,9 +49,10 @@ class Trainer:
     """One training step at a time on `shapes` batches used in turn (titles of different lengths);
     `compiled`: the model under torch.compile (bench/compile.py)."""
 
-    def __init__(self, preset: str, fusion: str, batch: int, compiled: bool = False, shapes: int = 1):
+    def __init__(self, preset: str, fusion: str, batch: int, compiled: bool = False, shapes: int = 1,
+                 **model_options):
         torch.manual_seed(0)
-        model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0), TASKS).to(DEVICE).train()
+        model = CMAClip(ModelConfig(preset=preset, fusion=fusion, dropout=0.0, **model_options), TASKS).to(DEVICE).train()
         self.optimizer = build_optimizer(model, OptimConfig())
         self.model = torch.compile(model) if compiled else model
         generator = torch.Generator().manual_seed(1)
@@ -95,15 +97,17 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"device {DEVICE}, batch {args.batch}, {args.repeats} interleaved repeats, median step time")
-    print(f"{'backbone':<10} {'fusion':<7} {'parameters':>11} {'step ms':>9}")
+    print(f"{'backbone':<10} {'fusion':<11} {'parameters':>11} {'step ms':>9}")
     ratio = None
     for preset in args.presets.split(","):
-        trainers = {fusion: Trainer(preset, fusion, args.batch) for fusion in ("cma", "concat")}
+        trainers = {"cma": Trainer(preset, "cma", args.batch), "concat": Trainer(preset, "concat", args.batch),
+                    "cma-no-aux": Trainer(preset, "cma", args.batch, unimodal_loss_weight=0.0)}
         _, medians = interleaved(trainers, warmup_steps=1, repeats=args.repeats)
-        for fusion, trainer in trainers.items():
-            print(f"{preset:<10} {fusion:<7} {trainer.parameters / 1e6:>10.2f}M {medians[fusion] * 1e3:>9.1f}")
+        for name, trainer in trainers.items():
+            print(f"{preset:<10} {name:<11} {trainer.parameters / 1e6:>10.2f}M {medians[name] * 1e3:>9.1f}")
         ratio = medians["cma"] / medians["concat"]
-        print(f"{preset:<10} cma/concat {ratio:.2f}")
+        print(f"{preset:<10} cma/concat {ratio:.2f}, auxiliary passes cma/cma-no-aux "
+              f"{medians['cma'] / medians['cma-no-aux']:.2f}")
         del trainers
     print(f"step overhead cma/concat: {ratio:.2f}")
 
