@@ -41,8 +41,10 @@ class ScriptedModel(nn.Module):
         if return_attentions:
             size = text_length + 1 + 4
             attentions = [torch.full((len(input_ids), 1, size, size), 1.0 / size)]
+        # asked for (evaluation): the prediction from each modality alone, here the fused one
+        unimodal_logits = {"text": logits, "image": logits} if unimodal else {}
         return SimpleNamespace(logits=logits, modality_weights=weights, attentions=attentions,
-                               text_length=text_length, unimodal_logits={})
+                               text_length=text_length, unimodal_logits=unimodal_logits)
 
 
 def make_batch(indices, labels, predicted, confidences, image_weight=0.25):
@@ -274,6 +276,12 @@ def test_real_loader_and_model_count_the_split_once(fashion_shards, tmp_path, ca
     assert written["split"] == "val" and written["samples"] == info.num_samples("val")
     assert list((run / "tensorboard" / "eval-val").glob("events.out.tfevents.*"))
     assert "| **mean** |" in capsys.readouterr().out
+
+
+def test_evaluation_asks_the_model_for_each_modality_alone():
+    result = evaluate.evaluate_model(ScriptedModel(), ListLoader(batches_with_padding_and_a_repeat()))
+    assert result.unimodal["text"]["tasks"]["colour"] == pytest.approx(3 / 5)  # the fused answers, 5 labelled
+    assert result.unimodal["image"]["mean"] == result.unimodal["text"]["mean"]
 
 
 def test_each_modality_alone_is_scored_on_the_samples_that_have_it():
