@@ -74,9 +74,9 @@ class EvalResult:
         """One line for logs: the means, then each task's accuracy."""
         mean = self.metrics["mean"]
         tasks = " | ".join(f"{task} {_fmt(m['accuracy'])}" for task, m in self.metrics["tasks"].items())
-        heads = "".join(f" | {name} alone {_fmt(head['mean'])}" for name, head in self.unimodal.items())
+        alone = "".join(f" | {name} alone {_fmt(accuracy['mean'])}" for name, accuracy in self.unimodal.items())
         return (f"eval ({self.num_samples} samples{'' if self.perturb == 'none' else ', ' + self.perturb}): "
-                f"mean accuracy {_fmt(mean['accuracy'])}, recall@p90 {_fmt(mean['recall_at_p90'])} | {tasks}{heads}")
+                f"mean accuracy {_fmt(mean['accuracy'])}, recall@p90 {_fmt(mean['recall_at_p90'])} | {tasks}{alone}")
 
 
 def _fmt(value) -> str:
@@ -208,8 +208,8 @@ def predict_split(model, loader, tasks: list[str], *, accelerator=None, perturb:
         parts["predicted"].append(torch.stack(predicted, dim=1).cpu().numpy())
         parts["confidence"].append(torch.stack(confidence, dim=1).cpu().numpy())
         parts["modality_weights"].append(output.modality_weights.float().cpu().numpy())
-        for name, head_logits in output.unimodal_logits.items():  # fused variants trained on each modality alone
-            predicted = torch.stack([head_logits[task].argmax(dim=-1) for task in tasks], dim=1)
+        for name, alone_logits in output.unimodal_logits.items():  # fused variants trained on each modality alone
+            predicted = torch.stack([alone_logits[task].argmax(dim=-1) for task in tasks], dim=1)
             parts.setdefault(f"predicted_{name}", []).append(predicted.cpu().numpy())
             parts.setdefault(f"has_{name}", []).append(batch["modality_mask"][:, MODALITIES.index(name)].cpu().numpy())
         if calibration is not None:
