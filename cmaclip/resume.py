@@ -6,7 +6,9 @@
   (learning rate, max_steps, workers, ...) is allowed and listed.
 - `train.resume=auto` takes the newest checkpoint that loads: one that cannot be read (a damaged
   or missing file on any rank) is named with the reason and the next older one is tried. All ranks
-  agree on each attempt, so they resume from the same one.
+  agree on each attempt, so they resume from the same one. A checkpoint whose model has other
+  parameters than this run's (another cmaclip's save format, other classes) is not damaged: the
+  resume stops in one line naming them, as an older checkpoint would not fit either.
 - output_dir/config.yaml is the first start's config, never overwritten; a later start whose
   config differs from the newest recorded one adds config-2.yaml, config-3.yaml, ...
 """
@@ -56,6 +58,16 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
+def model_misfit(error: BaseException) -> str | None:
+    """The first lines of torch's load_state_dict refusal (missing, unexpected or resized
+    parameters), which Accelerate and DeepSpeed pass on unchanged; None for any other error."""
+    text = str(error)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    details = [line.strip().rstrip(".") for line in text.splitlines()[1:] if line.strip()]
+    return "; ".join(details[:2])[:240]
+
+
 def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[Path, checkpoint.RunState]:
     """Load `requested`, or (train.resume=auto) the newest checkpoint that loads. -> (path, its state)."""
     if config.train.resume == "auto":
@@ -78,6 +90,10 @@ def load(accelerator, config: RunConfig, requested: Path, loader, log) -> tuple[
             raise
         except Exception as failure:  # noqa: BLE001 -- a damaged file shows as any error of the library reading it
             state, error = None, failure
+            if misfit := model_misfit(failure):
+                raise checkpoint.CheckpointError(
+                    f"cannot resume {path}: its model has other parameters than this run's ({misfit}); it was "
+                    "written by another cmaclip version or for other tasks; start a new output_dir") from failure
         if all_ranks_ok(accelerator, error is None):
             if skipped:
                 log(f"skipped checkpoint(s) that do not load: {'; '.join(skipped)}")

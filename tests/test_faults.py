@@ -160,6 +160,24 @@ def test_auto_resume_falls_back_to_the_newest_checkpoint_that_loads(finished_run
     assert "resumed from" in out and "step-000000002 at step 2" in out
 
 
+def test_a_checkpoint_of_another_model_stops_the_resume_in_one_line(finished_run, fashion_shards, tmp_path, capsys):
+    """Before: a checkpoint of cmaclip 0.1's save format 2 (separate unimodal heads) was "damaged",
+    and train.resume=auto went on to older ones that do not fit either."""
+    from safetensors.torch import save_file
+
+    output_dir = copy_of(finished_run, tmp_path)
+    for step in ("step-000000002", "step-000000004"):
+        weights_file = output_dir / "checkpoints" / step / "model.safetensors"
+        weights = load_file(weights_file)
+        save_file({**weights, "unimodal_heads.0.net.1.weight": torch.zeros(2, 2)}, weights_file)
+    capsys.readouterr()
+    assert run_train(fashion_shards, output_dir, "train.max_steps=5") == 1
+    line = one_error_line(capsys)
+    assert f"cannot resume {output_dir / 'checkpoints' / 'step-000000004'}: its model has other parameters" in line
+    assert 'Unexpected key(s) in state_dict: "unimodal_heads.0.net.1.weight"' in line
+    assert "start a new output_dir" in line and "damaged" not in line
+
+
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_staging_folder(fashion_shards, tmp_path):
     """A file-size limit makes every write past 256 KiB fail as on a full disk (EFBIG). Before:
     ~100 lines, or "basic_ios::clear: iostream error", and the partial staging folder stayed."""
