@@ -72,3 +72,9 @@ def eot_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] text mask -> [B] position of each row's EOT token, where CLIP pools the title: the
     mask is 1 up to and including the first EOT (0 for a row with no text at all)."""
     return (attention_mask.sum(dim=-1) - 1).clamp(min=0)
+
+
+def at_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, L, W] states, [B] positions -> [B, W]: each row's state at its own position (the EOT
+    pooling of a title)."""
+    return states[torch.arange(len(positions), device=positions.device), positions]

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from cmaclip.model.attention import SequenceAttention
-from cmaclip.model.backbone import CLIPBackbone, eot_positions
+from cmaclip.model.backbone import CLIPBackbone, at_positions, eot_positions
 from cmaclip.model.config import ModelConfig, preset_clip_config
 from cmaclip.model.fusion import KeylessModalityAttention, TaskHead, mean_weights
 
@@ -188,10 +188,8 @@ class CMAClip(nn.Module):
         attentions): after the sequence attention over the given modalities' positions (text
         padding and missing modalities masked), or CLIP's own EOT / [CLS] states in the variants
         without it. A modality not given (None) gets None."""
-        batch = (text_states if text_states is not None else image_states).shape[0]
-        rows = torch.arange(batch, device=present.device)
         if self.sequence_attention is None:
-            return (None if text_states is None else text_states[rows, eot],
+            return (None if text_states is None else at_positions(text_states, eot),
                     None if image_states is None else image_states[:, 0], None)
         parts, key_masks = [], []
         if text_states is not None:
@@ -203,7 +201,7 @@ class CMAClip(nn.Module):
         sequence, attentions = self.sequence_attention(torch.cat(parts, dim=1), torch.cat(key_masks, dim=1),
                                                        return_attentions, nothing_masked)
         text_length = 0 if text_states is None else text_states.shape[1]
-        return (None if text_states is None else sequence[rows, eot],
+        return (None if text_states is None else at_positions(sequence, eot),
                 None if image_states is None else sequence[:, text_length], attentions)
 
     def _predict(self, text_eot, image_cls, present):

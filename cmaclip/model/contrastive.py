@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .backbone import CLIPBackbone, eot_positions
+from .backbone import CLIPBackbone, at_positions, eot_positions
 from .config import ContrastiveConfig, ModelConfig, preset_clip_config
 
 # CLIP clamps the learnable logit scale at 100 (temperature 0.01) to keep training stable.
@@ -77,7 +77,7 @@ class ContrastiveCLIP(nn.Module):
         image = self.backbone.encode_image(pixel_values)[:, 0]
         eot = eot_positions(attention_mask)
         text_states = self.backbone.encode_text(input_ids)
-        text = text_states[torch.arange(len(eot), device=eot.device), eot]
+        text = at_positions(text_states, eot)
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
