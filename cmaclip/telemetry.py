@@ -58,19 +58,26 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
-def forward_flops(model, batch: dict) -> int:
-    """FLOPs of one training forward of `model` over `batch` (its model inputs), without gradients.
-    Counted in eval mode (no dropout draws: the run's random stream does not move; the same FLOPs),
-    with the passes over each modality alone that only training runs."""
+def training_flops(model, batch: dict) -> int:
+    """Model FLOPs of one training step of `model` over `batch` (forward and backward): 3 x the
+    forward of the passes that learn (the backward costs twice the forward), plus once the passes
+    that run without gradients (the noisy-title pass's encoders; its small heads part is counted
+    once too). Counted without gradients, in a forked random stream: the run's does not move."""
     was_training = model.training
     options = {"unimodal": True} if getattr(model, "learns_each_alone", False) else {}
-    model.eval()
+    device = next(model.parameters()).device
+    counted = {}
     try:
-        with flop_counter() as counter, torch.no_grad():
-            model(**model_inputs(batch), **options)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            # eval mode with the alone passes asked for: the passes that learn; train mode: all
+            for mode, train in (("learning", False), ("all", True)):
+                model.train(train)
+                with flop_counter() as counter:
+                    model(**model_inputs(batch), **({} if train else options))
+                counted[mode] = counter.get_total_flops()
     finally:
         model.train(was_training)
-    return counter.get_total_flops()
+    return TRAINING_FLOPS_PER_FORWARD * counted["learning"] + counted["all"] - counted["learning"]
 
 
 def parameter_counts(model) -> dict[str, dict[str, int]]:
@@ -142,10 +149,10 @@ class Telemetry:
         # a DataLoader draws its base seed from torch's generator: the run's random stream must not move
         with torch.random.fork_rng(devices=[]):
             batch = next(iter(loader))
-        flops = forward_flops(model, batch)
+        flops = training_flops(model, batch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        return TRAINING_FLOPS_PER_FORWARD * flops / self.batch_size
+        return flops / self.batch_size
 
     # ---- what is reported --------------------------------------------------------------------
 
@@ -157,8 +164,8 @@ class Telemetry:
         peak = (f"MFU against the {self.device_name}'s bf16 peak of {self.peak_flops / 1e12:.0f} TFLOP/s"
                 if self.peak_flops else f"no MFU: no bf16 peak known for {self.device_name}")
         return (f"model: {_millions(trainable)} trainable + {_millions(frozen)} frozen parameters ({parts}); "
-                f"{self.flops_per_sample / 1e9:.3g} GFLOP per training sample (3 x the forward counted on one "
-                f"batch); {peak}")
+                f"{self.flops_per_sample / 1e9:.3g} GFLOP per training sample (forward and backward, counted "
+                f"on one batch); {peak}")
 
     def window(self, values: dict[str, float], seconds: float) -> dict[str, float]:
         """The efficiency values of a logging window whose `values` hold samples_per_second (all

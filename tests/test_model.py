@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cmaclip.model import FUSIONS, CMAClip, ModelConfig
-from cmaclip.model.cmaclip import drop_one_modality
+from cmaclip.model.cmaclip import drop_one_modality, drop_title_tokens
 
 TASKS = {"color": ["red", "blue", "green"], "season": ["summer", "winter"]}
 SOT, EOT = 49406, 49407
@@ -206,7 +206,7 @@ def test_eot_and_cls_embeddings_are_clips_own_text_and_image_features():
 
 
 def test_each_modality_alone_learns_from_the_samples_that_have_it():
-    model = tiny(unimodal_loss_weight=0.5, dropout=0.0).train()
+    model = tiny(unimodal_loss_weight=0.5, noisy_title_loss_weight=0, dropout=0.0).train()
     batch = make_batch([3, 5, 8])
     batch["modality_mask"] = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
     labels = torch.tensor([[0, 1], [2, 0], [1, -1]])
@@ -243,6 +243,73 @@ def test_each_modality_alone_is_the_prediction_a_product_with_that_modality_only
             for task in TASKS:
                 torch.testing.assert_close(alone[name][task], answered[task])
                 assert not torch.allclose(alone[name][task], fused[task], atol=1e-4)
+
+
+def drop_first_word(input_ids, attention_mask, max_rate):
+    """A scripted noisy copy: each title loses its first word (SOT, w1, w2, EOT -> SOT, w2, EOT)."""
+    length = attention_mask.sum(dim=1, keepdim=True)
+    ids = torch.cat([input_ids[:, :1], input_ids[:, 2:], torch.zeros_like(input_ids[:, :1])], dim=1)
+    mask = (torch.arange(input_ids.shape[1]) < length - 1).long()
+    return ids * mask, mask
+
+
+def test_noisy_titles_join_the_loss_over_the_samples_with_a_title(monkeypatch):
+    """The noisy-title pass is the fused prediction for the same products with the noisy titles,
+    its loss weighted, over the samples that have a title (the image-only one has nothing to damage)."""
+    monkeypatch.setattr("cmaclip.model.cmaclip.drop_title_tokens", drop_first_word)
+    model = tiny(noisy_title_loss_weight=0.5, unimodal_loss_weight=0, dropout=0.0).train()
+    batch = make_batch([3, 5, 8])
+    batch["modality_mask"] = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
+    labels = torch.tensor([[0, 1], [2, 0], [1, -1]])
+    out = model(**batch, labels=labels)
+    noisy_ids, noisy_mask = drop_first_word(batch["input_ids"], batch["attention_mask"], 0.5)
+    noisy = model.eval()(**{**batch, "input_ids": noisy_ids, "attention_mask": noisy_mask}).logits
+    with_title = [0, 1]
+    expected = model.loss(out.logits, labels)[0] + 0.5 * model.loss(
+        {task: value[with_title] for task, value in noisy.items()}, labels[with_title])[0]
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_the_noisy_title_pass_trains_the_fusion_and_heads_not_the_encoders():
+    """Its gradients reach the modality attention and the heads only: the encoders and the
+    sequence attention learn from clean titles as without it. Prediction does not run it."""
+    batch, labels = make_batch([3, 5, 8, 2]), torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0]])
+    gradients = {}
+    for weight in (0.0, 1.0):
+        model = tiny(noisy_title_loss_weight=weight, unimodal_loss_weight=0, dropout=0.0).train()
+        model.modality_attention.task_vectors.data.normal_()
+        torch.manual_seed(1)
+        model(**batch, labels=labels).loss.backward()
+        gradients[weight] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, without in gradients[0.0].items():
+        same = torch.allclose(gradients[1.0][name], without)
+        assert same == name.startswith(("backbone.", "sequence_attention.", "modality_embedding")), name
+    calls = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    model.backbone.encode_text = lambda ids, encode=model.backbone.encode_text: calls.append(ids) or encode(ids)
+    model.eval()(**batch)
+    assert len(calls) == 1
+    model.train()(**batch)
+    assert len(calls) == 3 and not torch.equal(calls[1], calls[2])  # the clean titles, then the noisy ones
+
+
+def test_drop_title_tokens_keeps_sot_eot_and_the_order_of_what_it_keeps():
+    torch.manual_seed(0)
+    batch = make_batch([12] * 400 + [0])
+    ids, mask = drop_title_tokens(batch["input_ids"], batch["attention_mask"], 0.5)
+    assert ids.shape == batch["input_ids"].shape and mask.shape == batch["attention_mask"].shape
+    lengths = mask.sum(dim=1)
+    assert torch.equal(ids[:, 0], batch["input_ids"][:, 0])  # SOT
+    assert torch.equal(ids[torch.arange(len(ids)), lengths - 1], torch.full((len(ids),), EOT))
+    assert torch.equal(ids * (1 - mask), torch.zeros_like(ids))  # padding behind
+    for row in range(400):
+        title = iter(batch["input_ids"][row, 1:13].tolist())
+        assert all(token in title for token in ids[row, 1:lengths[row] - 1].tolist())  # a subsequence, in order
+    dropped = 1 - (lengths[:400] - 2).float() / 12
+    assert 0.2 < dropped.mean() < 0.3 and dropped.max() > 0.4  # rates ~ U(0, 0.5): 0.25 on average
+    assert torch.equal(ids[400], batch["input_ids"][400])  # an empty title stays empty
+    same, same_mask = drop_title_tokens(batch["input_ids"], batch["attention_mask"], 0.0)
+    assert torch.equal(same, batch["input_ids"]) and torch.equal(same_mask, batch["attention_mask"])
 
 
 def test_modality_dropout_is_applied_in_training():

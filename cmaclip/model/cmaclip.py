@@ -6,7 +6,9 @@
     per task k: keyless attention over (T'[EOT], I'[CLS]) -> fused_k -> head_k -> logits_k
     fused variants, training: the same model once more on the text alone and on the image alone
                 (the other modality masked: the prediction a product with one modality gets),
-                an auxiliary loss on both, so that each encoder has to learn its own modality
+                an auxiliary loss on both, so that each encoder has to learn its own modality;
+                and once more on a noisy copy of each title (tokens dropped), without gradients
+                into the encoders, so that the fusion learns to fall back on the photo
 
 The fusion variants (`model.fusion`) change only what reaches the heads, for a fair ablation:
 cma-no-modality replaces the modality attention by the mean over present modalities; concat,
@@ -121,7 +123,9 @@ class CMAClip(nn.Module):
             self.modality_attention = KeylessModalityAttention(len(tasks), width)
         head_in = 2 * width if fusion == "concat" else width
         self.heads = self._task_heads(head_in)
-        self.learns_each_alone = self.uses_text and self.uses_image and config.unimodal_loss_weight > 0
+        fused = self.uses_text and self.uses_image
+        self.learns_each_alone = fused and config.unimodal_loss_weight > 0
+        self.learns_from_noisy_titles = fused and config.noisy_title_loss_weight > 0
         if config.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
             if self.sequence_attention is not None:
@@ -171,16 +175,37 @@ class CMAClip(nn.Module):
                 # sequence gives those positions with the other modality's keys masked, and cheaper
                 text_eot, image_cls, _ = self._summaries(*given, attention_mask, eot, alone, nothing_masked=False)
                 unimodal_logits[name], _ = self._predict(text_eot, image_cls, alone)
+        noisy_title_logits = None
+        if self.learns_from_noisy_titles and self.training:
+            noisy_title_logits = self._predict_from_noisy_titles(input_ids, attention_mask, image_states, present)
         output = CMAClipOutput(logits=logits, modality_weights=weights.float(), attentions=attentions,
                                text_length=text_length, unimodal_logits=unimodal_logits)
         if labels is not None:
             output.loss, output.task_losses = self.loss(logits, labels)
             for m, name in enumerate(unimodal_logits):
                 # each modality alone learns from the samples that have it (after modality dropout)
-                with_modality = torch.where(present[:, m, None].to(labels.device), labels, -1)
-                unimodal_loss, _ = self.loss(unimodal_logits[name], with_modality)
-                output.loss = output.loss + self.config.unimodal_loss_weight * unimodal_loss
+                output.loss = output.loss + self.config.unimodal_loss_weight * self._loss_where(
+                    present[:, m], unimodal_logits[name], labels)
+            if noisy_title_logits is not None:
+                output.loss = output.loss + self.config.noisy_title_loss_weight * self._loss_where(
+                    present[:, TEXT], noisy_title_logits, labels)
         return output
+
+    def _loss_where(self, rows: torch.Tensor, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """The loss over the rows [B] bool only (the others count as unlabelled)."""
+        return self.loss(logits, torch.where(rows[:, None].to(labels.device), labels, -1))[0]
+
+    def _predict_from_noisy_titles(self, input_ids, attention_mask, image_states, present):
+        """The fused prediction once more, each title replaced by a noisy copy (drop_title_tokens),
+        the photo as it is. The encoders and the sequence attention run without gradients: the pass
+        teaches only the modality attention and the heads, which meet a title that lost its telling
+        words, and learn to weigh the photo for it; the encoders learn from clean titles alone."""
+        noisy_ids, noisy_mask = drop_title_tokens(input_ids, attention_mask, self.config.noisy_title_drop_max)
+        with torch.no_grad():
+            text_states = self.backbone.encode_text(noisy_ids)
+            text_eot, image_cls, _ = self._summaries(text_states, image_states, noisy_mask,
+                                                     eot_positions(noisy_mask), present, nothing_masked=False)
+        return self._predict(text_eot, image_cls, present)[0]
 
     def _summaries(self, text_states, image_states, attention_mask, eot, present, return_attentions=False,
                    nothing_masked=None):
@@ -316,3 +341,18 @@ def drop_one_modality(present: torch.Tensor, probability: float) -> torch.Tensor
     which = torch.randint(0, 2, (present.shape[0],), device=present.device)
     dropped = F.one_hot(which, 2).bool() & drop[:, None]
     return present & ~dropped
+
+
+def drop_title_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      max_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A noisy copy of each title: per row a rate drawn uniformly from [0, max_rate), and each
+    token between SOT and EOT dropped with it; the kept ones close up in order, EOT after them,
+    padding (id 0, mask 0) behind. -> (input_ids, attention_mask), the shapes of the inputs."""
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device)
+    title = (positions > 0) & (positions < eot_positions(attention_mask)[:, None])
+    rate = torch.rand(batch, 1, device=input_ids.device) * max_rate
+    kept = attention_mask.bool() & ~(title & (torch.rand(batch, length, device=input_ids.device) < rate))
+    order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices  # kept first, in order
+    mask = (positions < kept.sum(dim=1, keepdim=True)).to(attention_mask.dtype)
+    return torch.gather(input_ids, 1, order) * mask, mask

@@ -94,6 +94,18 @@ class ModelConfig:
     (docs/RESULTS.md). Costs two more passes of the fusion layers and heads per training step (the
     encoders run once). 0 = off."""
 
+    noisy_title_loss_weight: float = 1.0
+    """Fused variants, training only: the model also predicts once more from a noisy copy of each
+    title (see noisy_title_drop_max) with the photo unchanged, and that cross entropy (over the
+    samples with a title), times this weight, joins the loss. The encoders and the sequence
+    attention run without gradients in that pass, so it teaches the modality attention and the
+    heads what a title that lost its telling words looks like, and to fall back on the photo.
+    Costs one more forward of the text encoder and the sequence attention per step. 0 = off."""
+
+    noisy_title_drop_max: float = 0.5
+    """The noisy titles' damage: per product a rate drawn uniformly from [0, this), and each title
+    token (between SOT and EOT) dropped with that rate."""
+
     label_smoothing: float = 0.0
     """Label smoothing of every task's cross entropy."""
 
@@ -123,9 +135,10 @@ class ModelConfig:
         for name in ("head_hidden", "image_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name}: must be >= 0 (0 = default), got {getattr(self, name)}")
-        if self.unimodal_loss_weight < 0:
-            raise ValueError(f"model.unimodal_loss_weight: must be >= 0, got {self.unimodal_loss_weight}")
-        for name in ("dropout", "modality_dropout", "label_smoothing"):
+        for name in ("unimodal_loss_weight", "noisy_title_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "modality_dropout", "noisy_title_drop_max", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name}: must be in [0, 1), got {getattr(self, name)}")
         for task, weight in self.task_weights.items():
