@@ -53,31 +53,43 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter (matrix products, convolutions, attention), CPU attention included."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+class _TrainingFlopCounter(FlopCounterMode):
+    """torch's counter (CPU attention included), which also sums apart the FLOPs of the operations
+    run without gradients."""
+
+    def __init__(self):
+        super().__init__(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+        self.without_gradients = 0
+
+    def _count_flops(self, func_packet, out, args, kwargs):  # torch's hook, once per operation
+        before = self.get_total_flops()
+        out = super()._count_flops(func_packet, out, args, kwargs)
+        if not torch.is_grad_enabled():
+            self.without_gradients += self.get_total_flops() - before
+        return out
 
 
 def training_flops(model, batch: dict) -> int:
-    """Model FLOPs of one training step of `model` over `batch` (forward and backward): 3 x the
-    forward of the passes that learn (the backward costs twice the forward), plus once the passes
-    that run without gradients (the noisy-title pass's encoders; its small heads part is counted
-    once too). Counted without gradients, in a forked random stream: the run's does not move."""
+    """Model FLOPs of one training step of `model` over `batch`: 3 x the forward operations run with
+    gradients (their backward costs twice the forward) plus once those the model runs without (the
+    noisy-title pass's text encoder). One training forward, in a forked random stream (the run's
+    does not move) and with the parameters set not to require gradients meanwhile (no graph kept)."""
     was_training = model.training
-    options = {"unimodal": True} if getattr(model, "learns_each_alone", False) else {}
-    device = next(model.parameters()).device
-    counted = {}
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    device = requires_grad[0][0].device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            # eval mode with the alone passes asked for: the passes that learn; train mode: all
-            for mode, train in (("learning", False), ("all", True)):
-                model.train(train)
-                with flop_counter() as counter:
-                    model(**model_inputs(batch), **({} if train else options))
-                counted[mode] = counter.get_total_flops()
+        for parameter, _ in requires_grad:
+            parameter.requires_grad_(False)
+        model.train()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _TrainingFlopCounter() as counter:
+            model(**model_inputs(batch))
     finally:
+        for parameter, required in requires_grad:
+            parameter.requires_grad_(required)
         model.train(was_training)
-    return TRAINING_FLOPS_PER_FORWARD * counted["learning"] + counted["all"] - counted["learning"]
+    with_gradients = counter.get_total_flops() - counter.without_gradients
+    return TRAINING_FLOPS_PER_FORWARD * with_gradients + counter.without_gradients
 
 
 def parameter_counts(model) -> dict[str, dict[str, int]]:

@@ -197,14 +197,14 @@ class CMAClip(nn.Module):
 
     def _predict_from_noisy_titles(self, input_ids, attention_mask, image_states, present):
         """The fused prediction once more, each title replaced by a noisy copy (drop_title_tokens),
-        the photo as it is. The encoders and the sequence attention run without gradients: the pass
-        teaches only the modality attention and the heads, which meet a title that lost its telling
-        words, and learn to weigh the photo for it; the encoders learn from clean titles alone."""
+        the photo as it is. The encoders run without gradients (they learn from clean titles alone);
+        the fusion learns from it: the sequence attention to draw on the patches, and the modality
+        attention and the heads to weigh the photo, where a title has lost its telling words."""
         noisy_ids, noisy_mask = drop_title_tokens(input_ids, attention_mask, self.config.noisy_title_drop_max)
         with torch.no_grad():
             text_states = self.backbone.encode_text(noisy_ids)
-            text_eot, image_cls, _ = self._summaries(text_states, image_states, noisy_mask,
-                                                     eot_positions(noisy_mask), present, nothing_masked=False)
+        text_eot, image_cls, _ = self._summaries(text_states, image_states.detach(), noisy_mask,
+                                                 eot_positions(noisy_mask), present, nothing_masked=False)
         return self._predict(text_eot, image_cls, present)[0]
 
     def _summaries(self, text_states, image_states, attention_mask, eot, present, return_attentions=False,
