@@ -405,9 +405,12 @@ def test_ctrl_c_is_one_line(fashion_shards, tmp_path):
     import time
 
     output_dir = tmp_path / "run"
+    # A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python
+    # then keeps ignoring it: give the training the disposition a terminal's foreground job has.
     process = subprocess.Popen([sys.executable, "-m", "cmaclip.train", *train_args(fashion_shards, output_dir,
                                 "train.max_steps=1000", "train.save_every=0")],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (output_dir / "tensorboard").is_dir() or not any((output_dir / "tensorboard").iterdir()):
         assert time.time() < deadline and process.poll() is None
