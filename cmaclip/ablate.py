@@ -16,6 +16,8 @@ interrupted ablation continues where it stopped (delete the folder to redo one).
 `--seeds 0,1,2` repeats every variant with each seed (`train.seed`: initial weights, data order,
 augmentation) under output_dir/<variant>/seed<k>/ and reports mean ± standard deviation over
 the seeds: on a small evaluation split, single runs of close variants differ by noise.
+`--draws 5` (the default) averages `drop-words` over that many draws of the dropped words (seeds
+0..N-1) for the same reason: one draw on a few hundred products moves a variant's drop by +-0.5.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ VARIANT_NAMES = {
     "cma": "CMA-CLIP",
 }
 METRICS_FILE = "metrics-{perturb}.json"
+DRAWN = "drop-words"  # the perturbation that is random, so evaluated over several draws
 FROZEN_CONFIG = "ablation-config.yaml"
 
 
@@ -169,7 +172,7 @@ def each_modality_alone_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budget: str, split: str,
-                      samples: int, seeds: list[int]) -> str:
+                      samples: int, seeds: list[int], draws: int = 1) -> str:
     """results: variant -> perturbation -> metrics (one run's, or average_runs() of the seeds)."""
     over_seeds = (f" Mean ± standard deviation over seeds {', '.join(map(str, seeds))}." if len(seeds) > 1
                   else "")
@@ -191,7 +194,8 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
         "",
         "Mean accuracy over tasks (percent) on the same split with every title removed (`no-text`), "
         "every image removed (`no-image`), or 30% of each title's words dropped at random (`drop-words`, "
-        "seeded); in brackets the change from clean.",
+        f"{f'the mean over {draws} seeded draws' if draws > 1 else 'one seeded draw'}); in brackets the change "
+        "from clean.",
         "",
         robustness_table(results),
         "",
@@ -219,8 +223,10 @@ def train_command(launcher: list[str], config: str, overrides: list[str]) -> lis
     return [program, *launcher[1:], "-m", "cmaclip.train", "--config", config, *overrides]
 
 
-def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_size: int, loader: str) -> dict:
-    """Clean and perturbed metrics of one trained variant, in this process (one model load)."""
+def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_size: int, loader: str,
+                     draws: int) -> dict:
+    """Clean and perturbed metrics of one trained variant, in this process (one model load); the
+    random perturbation averaged over `draws` draws (its file says how many, and their spread)."""
     from cmaclip.checkpoint import load_model
     from cmaclip.data.config import DataConfig
     from cmaclip.data.loader import build_loader
@@ -232,8 +238,13 @@ def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_siz
     check_model_fits_shards(model.tasks, eval_loader.dataset.tasks, run_dir, shards)
     results = {}
     for perturb in perturbs:
-        result = evaluate_model(model, eval_loader, perturb=perturb, pictures=0)
-        results[perturb] = {**result.to_json(), "split": split}
+        if perturb == DRAWN:
+            over_draws = average_runs([evaluate_model(model, eval_loader, perturb=perturb, seed=draw, pictures=0)
+                                       .to_json() for draw in range(draws)])
+            result = {**over_draws, "draws": over_draws.pop("runs"), "draw_std": over_draws.pop("std")}
+        else:
+            result = evaluate_model(model, eval_loader, perturb=perturb, pictures=0).to_json()
+        results[perturb] = {**result, "split": split}
         write_json_atomic(run_dir / METRICS_FILE.format(perturb=perturb), results[perturb])
     return results
 
@@ -244,6 +255,11 @@ def load_variant_metrics(run_dir: Path, perturbs) -> dict | None:
     if not all(path.is_file() for path in paths):
         return None
     return {perturb: json.loads(path.read_text()) for perturb, path in zip(perturbs, paths)}
+
+
+def saved_draws(metrics: dict) -> int | None:
+    """How many draws a variant's saved random perturbation was averaged over (1: before --draws)."""
+    return metrics[DRAWN].get("draws", 1) if DRAWN in metrics else None
 
 
 def freeze_config(config, path: Path) -> Path:
@@ -262,12 +278,16 @@ def freeze_config(config, path: Path) -> Path:
 
 
 def train_and_evaluate(run_dir: Path, variant: str, label: str, *, launcher, config_path, overrides, shards,
-                       split, perturbs, eval_batch_size, loader, log) -> dict:
+                       split, perturbs, eval_batch_size, loader, draws, log) -> dict:
     """One variant with one seed (its metrics reused when already there). -> perturbation -> metrics."""
     saved = load_variant_metrics(run_dir, perturbs)
-    if saved is not None:
+    if saved is not None and saved_draws(saved) in (None, draws):
         log(f"{label}: already trained and evaluated in {run_dir}, reusing")
         return saved
+    if saved is not None:
+        log(f"{label}: already trained in {run_dir}; evaluating again ({draws} draws of {DRAWN}, "
+            f"{saved_draws(saved)} saved)")
+        return evaluate_variant(run_dir, shards, split, perturbs, eval_batch_size, loader, draws)
     command = train_command(launcher, config_path, [*overrides, f"model.fusion={variant}", f"output_dir={run_dir}"])
     log(f"{label}: training: {shlex.join(command)}")
     started = time.perf_counter()
@@ -276,14 +296,14 @@ def train_and_evaluate(run_dir: Path, variant: str, label: str, *, launcher, con
         raise RuntimeError(f"training variant {variant!r} failed (exit {completed.returncode}); "
                            f"its output is above; the command was: {shlex.join(command)}")
     log(f"{label}: trained in {time.perf_counter() - started:.0f} s; evaluating")
-    results = evaluate_variant(run_dir, shards, split, perturbs, eval_batch_size, loader)
+    results = evaluate_variant(run_dir, shards, split, perturbs, eval_batch_size, loader, draws)
     log(f"{label}: mean accuracy {results['none']['mean']['accuracy']:.3f}")
     return results
 
 
 def ablate(config_path: str, shards: str, overrides: list[str], *, variants=FUSIONS, seeds: list[int] | None = None,
            launcher: list[str] = (), split: str = "val", eval_batch_size: int = 64, robustness: bool = True,
-           log=lambda message: print(message, flush=True)) -> Path:
+           draws: int = 5, log=lambda message: print(message, flush=True)) -> Path:
     """Train and evaluate `variants` (with each of `seeds`, default: the config's train.seed);
     returns the path of ablation.md."""
     from cmaclip.config import load_config
@@ -305,7 +325,7 @@ def ablate(config_path: str, shards: str, overrides: list[str], *, variants=FUSI
                 output_dir / variant / f"seed{seed}" if several else output_dir / variant, variant, label,
                 launcher=launcher, config_path=str(frozen), overrides=[f"train.seed={seed}"],
                 shards=shards, split=split, perturbs=perturbs, eval_batch_size=eval_batch_size,
-                loader=base.data.loader, log=log))
+                loader=base.data.loader, draws=draws, log=log))
         results[variant] = {perturb: average_runs([run[perturb] for run in runs]) if several else runs[0][perturb]
                             for perturb in perturbs}
 
@@ -317,10 +337,12 @@ def ablate(config_path: str, shards: str, overrides: list[str], *, variants=FUSI
               + f", seed{'s' if several else ''} {', '.join(map(str, seeds))}")
     command = shlex.join(["cmaclip", "ablate", "--config", config_path, "--shards", shards,
                           *(["--seeds", ",".join(map(str, seeds))] if several else []),
+                          *(["--draws", str(draws)] if robustness else []),
                           *(["--launcher", shlex.join(launcher)] if launcher != [sys.executable] else []),
                           *[o for o in overrides if not o.startswith("data.shards=")]])
     samples = next(iter(results.values()))["none"]["samples"]
-    markdown = ablation_markdown(results, command=command, budget=budget, split=split, samples=samples, seeds=seeds)
+    markdown = ablation_markdown(results, command=command, budget=budget, split=split, samples=samples, seeds=seeds,
+                                 draws=draws)
     path = output_dir / "ablation.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown)
@@ -359,6 +381,8 @@ def parse_args(argv):
                              'launchers/accelerate/cpu.yaml" (default: one process of this Python)')
     parser.add_argument("--split", default="val", choices=SPLITS, help="evaluation split")
     parser.add_argument("--no-robustness", action="store_true", help="skip the perturbed evaluations")
+    parser.add_argument("--draws", type=int, default=5,
+                        help=f"{DRAWN} is averaged over this many draws of the dropped words (default 5)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -369,6 +393,8 @@ def parse_args(argv):
     unknown = [v for v in args.variants if v not in FUSIONS]
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(FUSIONS)}")
+    if args.draws < 1:
+        parser.error(f"--draws: must be >= 1, got {args.draws}")
     return args
 
 
@@ -379,7 +405,8 @@ def main(argv=None) -> None:
 
     try:
         path = ablate(args.config, args.shards, args.overrides, variants=args.variants, seeds=args.seeds,
-                      launcher=shlex.split(args.launcher), split=args.split, robustness=not args.no_robustness)
+                      launcher=shlex.split(args.launcher), split=args.split, robustness=not args.no_robustness,
+                      draws=args.draws)
     except (ConfigError, RuntimeError, FileNotFoundError) as error:
         print(f"cmaclip ablate: {error}", file=sys.stderr)
         sys.exit(2)

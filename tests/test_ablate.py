@@ -1,6 +1,7 @@
 """The ablation tables from known metrics, and one tiny end-to-end ablation (slow)."""
 import json
 
+import numpy as np
 import pytest
 
 from cmaclip import ablate
@@ -72,9 +73,10 @@ def test_unknown_variant_and_bad_seeds_are_refused():
 
 
 @pytest.mark.slow
-def test_two_variants_end_to_end(fashion_shards, tmp_path):
+def test_two_variants_end_to_end(fashion_shards, tmp_path, monkeypatch):
     """Trains `concat` and `cma` for 2 steps each through the real entry point, evaluates them,
-    and reuses the finished variants on a second call instead of training again."""
+    and reuses the finished variants on a second call instead of training again; asked for
+    another number of drop-words draws, it evaluates again without training."""
     out = tmp_path / "ablation"
     overrides = [f"output_dir={out}", "train.max_steps=2", "train.batch_size=8", "train.save_every=0",
                  "data.loader=pil", "data.workers=0", "logging.progress_bar=false", "model.fusion_heads=4"]
@@ -93,6 +95,27 @@ def test_two_variants_end_to_end(fashion_shards, tmp_path):
     ablate.ablate("configs/cpu-demo.yaml", str(fashion_shards), overrides, variants=["concat", "cma"],
                   log=messages.append)
     assert all("reusing" in message for message in messages)
+
+    import cmaclip.evaluate
+
+    drawn = []  # (seed, mean accuracy) of each drop-words evaluation
+    real_evaluate = cmaclip.evaluate.evaluate_model
+
+    def recording_evaluate(model, loader, **options):
+        result = real_evaluate(model, loader, **options)
+        if options.get("perturb") == "drop-words":
+            drawn.append((options.get("seed", 0), result.metrics["mean"]["accuracy"]))
+        return result
+
+    monkeypatch.setattr(cmaclip.evaluate, "evaluate_model", recording_evaluate)
+    messages.clear()
+    ablate.ablate("configs/cpu-demo.yaml", str(fashion_shards), overrides, variants=["cma"], draws=3,
+                  log=messages.append)
+    assert not any("training" in message for message in messages) and "evaluating again" in messages[0]
+    assert [seed for seed, _ in drawn] == [0, 1, 2]
+    saved = json.loads((out / "cma" / "metrics-drop-words.json").read_text())
+    assert saved["draws"] == 3
+    assert saved["mean"]["accuracy"] == pytest.approx(np.mean([accuracy for _, accuracy in drawn]))
 
 
 def test_launcher_found_next_to_python_when_not_on_path(monkeypatch):
