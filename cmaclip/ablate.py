@@ -78,7 +78,15 @@ def average_runs(runs: list[dict]) -> dict:
     weights = {task: {modality: float(np.mean([run["modality_weights"][task][modality] for run in runs]))
                       for modality in runs[0]["modality_weights"][task]}
                for task in runs[0].get("modality_weights", {})}
-    unimodal = {name: {"mean": combine([run["unimodal"][name]["mean"] for run in runs], np.mean)}
+    def overruled(name):  # the share of each task where the fused answer overrules this modality alone
+        saved = [run["unimodal"][name].get("overruled") for run in runs]
+        if any(part is None for part in saved):  # a run evaluated before it was measured
+            return {}
+        return {"overruled": {"tasks": {task: combine([part["tasks"][task] for part in saved], np.mean)
+                                        for task in saved[0]["tasks"]},
+                              "mean": combine([part["mean"] for part in saved], np.mean)}}
+
+    unimodal = {name: {"mean": combine([run["unimodal"][name]["mean"] for run in runs], np.mean), **overruled(name)}
                 for name in runs[0].get("unimodal", {})}
     return {**averaged, "std": spread, "runs": len(runs), "samples": runs[0].get("samples"),
             "modality_weights": weights, "unimodal": unimodal}
@@ -150,6 +158,25 @@ def modality_weights_table(results: dict[str, dict]) -> str:
                       "| `cma` | " + " | ".join(f"{w['image']:.2f}" for w in weights.values()) + " |"])
 
 
+def overruled_table(results: dict[str, dict[str, dict]]) -> str:
+    """Per task (clean split), the percent of products with a title and a photo where the text
+    alone / the image alone is right and the fused answer wrong. results: variant -> perturb -> metrics."""
+    rows = {variant: by_perturb["none"]["unimodal"] for variant, by_perturb in results.items()
+            if all("overruled" in alone for alone in by_perturb["none"].get("unimodal", {}).values())
+            and by_perturb["none"].get("unimodal")}
+    if not rows:
+        return ""
+    tasks = list(next(iter(rows.values()))["text"]["overruled"]["tasks"])
+    lines = ["| variant | " + " | ".join(f"{task} text / image" for task in tasks) + " | mean text / image |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for variant, alone in rows.items():
+        cells = [" / ".join(_cell(alone[name]["overruled"]["tasks"][task]) for name in ("text", "image"))
+                 for task in tasks]
+        cells.append(" / ".join(_cell(alone[name]["overruled"]["mean"]) for name in ("text", "image")))
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def each_modality_alone_table(results: dict[str, dict[str, dict]]) -> str:
     """Mean accuracy (percent) of the fused prediction and of the model's prediction from the text
     alone and from the image alone (variants trained on each alone), clean and under each
@@ -178,6 +205,7 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
                   else "")
     weights = modality_weights_table({variant: by_perturb["none"] for variant, by_perturb in results.items()})
     alone = each_modality_alone_table(results)
+    overruled = overruled_table(results)
     return "\n".join([
         "# Ablation (the paper's Table 6)",
         "",
@@ -208,6 +236,12 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
            "image (the other masked: what a product without a photo or a title gets; trained with "
            "`model.unimodal_loss_weight`); each alone counts the samples that have its modality.", "", alone, ""]
           if alone else []),
+        *(["## Where the fusion overrules one modality", "",
+           "Percent of the products with a title and a photo (clean split) where the model's answer from "
+           "the text alone / the image alone is right and its fused answer wrong. Near 0 when the fusion "
+           "uses each modality where it carries the answer; a task whose titles often do not name it, "
+           "answered wrong where the photo alone was right, shows as a high image share.", "", overruled, ""]
+          if overruled else []),
     ])
 
 

@@ -57,7 +57,9 @@ class EvalResult:
     unimodal: dict = field(default_factory=dict)
     """The model's accuracy from each modality alone (fused variants trained with
     model.unimodal_loss_weight > 0): {"text" | "image": {"tasks": {task:
-    accuracy}, "mean": accuracy}}, over the samples that have the modality."""
+    accuracy}, "mean": accuracy, "overruled": {"tasks": {task: share}, "mean": share}}}, the
+    accuracy over the samples that have the modality; `overruled` (see unimodal_accuracy) over
+    those that have both."""
     auto_fill: dict | None = None  # with a calibration: {task: accepted precision, coverage, ...}
 
     def class_tables(self) -> dict[str, list[dict]]:
@@ -265,19 +267,32 @@ def evaluate_model(model, loader, accelerator=None, *, perturb: str = "none", se
 
 
 def unimodal_accuracy(samples: dict[str, np.ndarray], tasks: list[str]) -> dict:
-    """Accuracy from each modality alone over the labelled samples that have that modality."""
+    """Accuracy from each modality alone over the labelled samples that have that modality, and
+    how often the fused answer overrules it: over the labelled samples that have both modalities,
+    the share where this modality alone is right and the fused answer wrong. A fusion that uses
+    each modality where it carries the answer keeps that near 0; a title that looks informative
+    and is not (it does not name the attribute) shows up as the image overruled."""
+    def over_tasks(per_task: dict) -> dict:
+        present = [value for value in per_task.values() if value is not None]
+        return {"tasks": per_task, "mean": float(np.mean(present)) if present else None}
+
+    labels = samples["labels"]
+    both = (samples["has_text"].astype(bool) & samples["has_image"].astype(bool)
+            if all(f"predicted_{name}" in samples for name in MODALITIES) else None)
     result = {}
     for name in MODALITIES:
         if f"predicted_{name}" not in samples:
             continue
-        has = samples[f"has_{name}"].astype(bool)
-        per_task = {}
+        has, alone = samples[f"has_{name}"].astype(bool), samples[f"predicted_{name}"]
+        per_task, overruled = {}, {}
         for k, task in enumerate(tasks):
-            labelled = has & (samples["labels"][:, k] >= 0)
-            per_task[task] = (accuracy(samples["labels"][labelled, k], samples[f"predicted_{name}"][labelled, k])
-                              if labelled.any() else None)
-        present = [value for value in per_task.values() if value is not None]
-        result[name] = {"tasks": per_task, "mean": float(np.mean(present)) if present else None}
+            labelled = has & (labels[:, k] >= 0)
+            per_task[task] = accuracy(labels[labelled, k], alone[labelled, k]) if labelled.any() else None
+            if both is not None:
+                rows = both & (labels[:, k] >= 0)
+                lost = (alone[rows, k] == labels[rows, k]) & (samples["predicted"][rows, k] != labels[rows, k])
+                overruled[task] = float(lost.mean()) if rows.any() else None
+        result[name] = {**over_tasks(per_task), **({"overruled": over_tasks(overruled)} if both is not None else {})}
     return result
 
 

@@ -285,10 +285,15 @@ def test_evaluation_asks_the_model_for_each_modality_alone():
 
 
 def test_each_modality_alone_is_scored_on_the_samples_that_have_it():
-    samples = {"labels": np.array([[0, 1], [1, -1], [2, 0]]),
+    samples = {"labels": np.array([[0, 1], [1, -1], [2, 0]]), "predicted": np.array([[1, 1], [1, 0], [1, 0]]),
                "predicted_text": np.array([[0, 1], [0, 0], [2, 1]]), "has_text": np.array([True, True, False]),
                "predicted_image": np.array([[1, 1], [1, 1], [2, 0]]), "has_image": np.array([True, True, True])}
     result = evaluate.unimodal_accuracy(samples, list(TASKS))
-    assert result["text"] == {"tasks": {"colour": 0.5, "kind": 1.0}, "mean": 0.75}
+    assert {key: result["text"][key] for key in ("tasks", "mean")} == {"tasks": {"colour": 0.5, "kind": 1.0},
+                                                                       "mean": 0.75}
     assert result["image"]["tasks"] == {"colour": pytest.approx(2 / 3), "kind": 1.0}
+    # overruled: alone right, fused wrong, over the labelled samples with both modalities (rows 0-1;
+    # row 2's fused answer loses the image's right colour, but it has no title)
+    assert result["text"]["overruled"] == {"tasks": {"colour": 0.5, "kind": 0.0}, "mean": 0.25}
+    assert result["image"]["overruled"] == {"tasks": {"colour": 0.0, "kind": 0.0}, "mean": 0.0}
     assert evaluate.unimodal_accuracy({"labels": samples["labels"]}, list(TASKS)) == {}
