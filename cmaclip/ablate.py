@@ -273,9 +273,9 @@ def evaluate_variant(run_dir: Path, shards: str, split: str, perturbs, batch_siz
     results = {}
     for perturb in perturbs:
         if perturb == DRAWN:
-            over_draws = average_runs([evaluate_model(model, eval_loader, perturb=perturb, seed=draw, pictures=0)
-                                       .to_json() for draw in range(draws)])
-            result = {**over_draws, "draws": over_draws.pop("runs"), "draw_std": over_draws.pop("std")}
+            result = average_runs([evaluate_model(model, eval_loader, perturb=perturb, seed=draw, pictures=0)
+                                   .to_json() for draw in range(draws)])
+            result["draws"], result["draw_std"] = result.pop("runs"), result.pop("std")
         else:
             result = evaluate_model(model, eval_loader, perturb=perturb, pictures=0).to_json()
         results[perturb] = {**result, "split": split}

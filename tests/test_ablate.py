@@ -114,7 +114,7 @@ def test_two_variants_end_to_end(fashion_shards, tmp_path, monkeypatch):
     assert not any("training" in message for message in messages) and "evaluating again" in messages[0]
     assert [seed for seed, _ in drawn] == [0, 1, 2]
     saved = json.loads((out / "cma" / "metrics-drop-words.json").read_text())
-    assert saved["draws"] == 3
+    assert saved["draws"] == 3 and "runs" not in saved and "std" not in saved  # seeds' keys, not draws'
     assert saved["mean"]["accuracy"] == pytest.approx(np.mean([accuracy for _, accuracy in drawn]))
 
 
