@@ -161,9 +161,9 @@ def modality_weights_table(results: dict[str, dict]) -> str:
 def overruled_table(results: dict[str, dict[str, dict]]) -> str:
     """Per task (clean split), the percent of products with a title and a photo where the text
     alone / the image alone is right and the fused answer wrong. results: variant -> perturb -> metrics."""
-    rows = {variant: by_perturb["none"]["unimodal"] for variant, by_perturb in results.items()
-            if all("overruled" in alone for alone in by_perturb["none"].get("unimodal", {}).values())
-            and by_perturb["none"].get("unimodal")}
+    alone_by_variant = {variant: by_perturb["none"].get("unimodal", {}) for variant, by_perturb in results.items()}
+    rows = {variant: alone for variant, alone in alone_by_variant.items()
+            if alone and all("overruled" in modality for modality in alone.values())}
     if not rows:
         return ""
     tasks = list(next(iter(rows.values()))["text"]["overruled"]["tasks"])
