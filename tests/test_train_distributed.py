@@ -36,9 +36,10 @@ pytestmark = pytest.mark.slow
 
 def environment() -> dict:
     # one thread per rank (two ranks share the machine), no library warnings, the CPU even on a
-    # GPU machine (GPUs hidden), no GPU probing
+    # GPU machine (GPUs hidden), no GPU probing; DeepSpeed's CPU Adam op built into this venv, not
+    # the user's shared ~/.cache, where a build killed midway leaves a lock that stalls every later one
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu",
-            "CUDA_VISIBLE_DEVICES": ""}
+            "CUDA_VISIBLE_DEVICES": "", "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
 
 
 def overrides(shards: Path, *extra: str) -> list[str]:
