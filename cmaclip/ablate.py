@@ -203,6 +203,7 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
     """results: variant -> perturbation -> metrics (one run's, or average_runs() of the seeds)."""
     over_seeds = (f" Mean ± standard deviation over seeds {', '.join(map(str, seeds))}." if len(seeds) > 1
                   else "")
+    drawn = f"the mean over {draws} seeded draws" if draws > 1 else "one seeded draw"
     weights = modality_weights_table({variant: by_perturb["none"] for variant, by_perturb in results.items()})
     alone = each_modality_alone_table(results)
     overruled = overruled_table(results)
@@ -222,7 +223,7 @@ def ablation_markdown(results: dict[str, dict[str, dict]], *, command: str, budg
         "",
         "Mean accuracy over tasks (percent) on the same split with every title removed (`no-text`), "
         "every image removed (`no-image`), or 30% of each title's words dropped at random (`drop-words`, "
-        f"{f'the mean over {draws} seeded draws' if draws > 1 else 'one seeded draw'}); in brackets the change "
+        f"{drawn}); in brackets the change "
         "from clean.",
         "",
         robustness_table(results),
