@@ -27,6 +27,26 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temp_inside_basetemp(tmp_path_factory):
+    """Point the TMPDIR of every process a test launches into pytest's basetemp, which a passing
+    session removes: torch elastic leaves a `torchelastic_*` log folder in the temp dir per launch
+    and multiprocessing a `pymp-*` one, hundreds per suite run otherwise left in /tmp. This process
+    keeps its own temp dir: its multiprocessing folder is removed at interpreter exit, after
+    pytest has removed the basetemp."""
+    import os
+    import tempfile
+
+    tempfile.gettempdir()  # caches this process's temp dir before TMPDIR changes
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    yield
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def fashion_csv(tmp_path_factory) -> Path:
     """The first 120 embedded fashion products as a CSV (image paths relative to FASHION_DIR)."""
