@@ -1,4 +1,6 @@
 import csv
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,23 +30,19 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def temp_inside_basetemp(tmp_path_factory):
-    """Point the TMPDIR of every process a test launches into pytest's basetemp, which a passing
-    session removes: torch elastic leaves a `torchelastic_*` log folder in the temp dir per launch
-    and multiprocessing a `pymp-*` one, hundreds per suite run otherwise left in /tmp. This process
-    keeps its own temp dir: its multiprocessing folder is removed at interpreter exit, after
-    pytest has removed the basetemp."""
-    import os
-    import tempfile
-
+def launched_processes_leave_nothing_behind(tmp_path_factory):
+    """The environment every process a test launches inherits:
+    - TMPDIR inside pytest's basetemp, which a passing session removes: torch elastic leaves a
+      `torchelastic_*` log folder in the temp dir per launch and multiprocessing a `pymp-*` one,
+      hundreds per suite run otherwise left in /tmp. This process keeps its own temp dir: its
+      multiprocessing folder is removed at interpreter exit, after pytest has removed the basetemp.
+    - DeepSpeed's CPU Adam op built into this venv, not the user's shared ~/.cache, where a build
+      killed midway leaves a lock that stalls every later one."""
     tempfile.gettempdir()  # caches this process's temp dir before TMPDIR changes
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
-    yield
-    if previous is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+        yield
 
 
 @pytest.fixture(scope="session")

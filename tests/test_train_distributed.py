@@ -36,10 +36,9 @@ pytestmark = pytest.mark.slow
 
 def environment() -> dict:
     # one thread per rank (two ranks share the machine), no library warnings, the CPU even on a
-    # GPU machine (GPUs hidden), no GPU probing; DeepSpeed's CPU Adam op built into this venv, not
-    # the user's shared ~/.cache, where a build killed midway leaves a lock that stalls every later one
+    # GPU machine (GPUs hidden), no GPU probing; the temp and build folders: conftest.py
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu",
-            "CUDA_VISIBLE_DEVICES": "", "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def overrides(shards: Path, *extra: str) -> list[str]:
@@ -91,6 +90,16 @@ def ddp_run(fashion_shards, tmp_path_factory) -> Path:
     validation = load_dataset_info(fashion_shards).num_samples("val")
     assert f"step 4: eval ({validation} samples): mean accuracy" in stdout and "step 8: eval" in stdout
     return output_dir
+
+
+def test_launched_processes_write_their_temp_and_build_folders_where_the_suite_cleans_up(tmp_path_factory):
+    # where torch elastic's and multiprocessing's folders and DeepSpeed's op build would go
+    script = "import os, tempfile; print(tempfile.gettempdir()); print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    done = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True,
+                          timeout=60, check=True)
+    temp_dir, build_dir = done.stdout.split()
+    assert Path(temp_dir).is_relative_to(tmp_path_factory.getbasetemp())
+    assert Path(build_dir) == Path(sys.prefix) / "torch_extensions"
 
 
 def test_ddp_on_two_processes_lowers_the_loss(ddp_run, fashion_shards):
